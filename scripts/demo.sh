@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Train a ResNet-18 on scikit-learn's bundled handwritten digits with
+# MirroredStrategy over 2 logical CPU devices. Makes .venv if it is missing,
+# installs tfpar into it, writes TensorBoard logs and summary.json to runs/demo/.
+# Extra arguments are passed to tfpar-train (e.g. --epochs=2).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+echo "==> installing tfpar into .venv"
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e .
+echo "==> training resnet18 on digits, 2 replicas (runs/demo/)"
+.venv/bin/tfpar-train \
+  --model=resnet18 --data=digits --image_size=32 \
+  --strategy=mirrored --virtual_cpus=2 --precision=float32 \
+  --batch_size=64 --epochs=5 --optimizer=sgd --learning_rate=0.05 \
+  --model_dir=runs/demo "$@"
+echo "==> TensorBoard: .venv/bin/tensorboard --logdir runs/demo"

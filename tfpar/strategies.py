@@ -1,0 +1,215 @@
+"""Strategy factory: a name and a few options -> a plain ``tf.distribute.Strategy``.
+
+Validation is strict and happens before TensorFlow is touched, so a typo is
+one clear ``ValueError`` instead of a stack trace from deep inside TF.
+DTensor sharding is not a ``tf.distribute`` strategy; see ``tfpar.sharding``.
+"""
+
+import logging
+
+import tensorflow as tf
+
+log = logging.getLogger("tfpar")
+
+NAMES = ("auto", "one_device", "mirrored", "multi_worker", "tpu", "parameter_server")
+MIRRORED_ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduce_to_one_device")
+MULTI_WORKER_ALL_REDUCE = ("auto", "ring", "nccl")
+
+# Which options each strategy takes; anything else is a user mistake.
+_OPTIONS = {
+    "auto": {"devices", "virtual_cpus", "cluster", "communication_timeout", "fp16_all_reduce"},
+    "one_device": {"devices", "virtual_cpus"},
+    "mirrored": {"devices", "virtual_cpus", "all_reduce", "num_packs"},
+    "multi_worker": {"all_reduce", "communication_timeout", "fp16_all_reduce", "cluster", "virtual_cpus"},
+    "tpu": {"tpu", "cluster"},
+    "parameter_server": {"cluster", "num_ps_shards", "min_shard_bytes"},
+}
+
+
+def configure_virtual_cpus(count):
+    """Split the first physical CPU into ``count`` logical devices.
+
+    This is how mirrored and DTensor code runs on a machine with no GPU. It
+    must happen before TensorFlow initialises its devices; asking afterwards
+    for a different count raises ``ValueError``.
+    """
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"virtual_cpus must be a positive int, got {count!r}.")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current is not None and len(current) == count:
+        return
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError as err:
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have == count:
+            return
+        raise ValueError(
+            f"virtual_cpus={count} was asked after TensorFlow initialised its devices "
+            f"(it has {have} CPU device(s)); set it before any other TensorFlow call."
+        ) from err
+
+
+def local_devices():
+    """Names of this process's accelerators, or its CPUs when it has none."""
+    for kind in ("GPU", "CPU"):
+        devices = [d.name for d in tf.config.list_logical_devices(kind)]
+        if devices:
+            return devices
+    return []
+
+
+def _check(name, options):
+    if name not in NAMES:
+        raise ValueError(f"Unknown strategy {name!r}; choose one of: {', '.join(NAMES)} (or 'dtensor' via tfpar.sharding).")
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in _OPTIONS[name])
+    if unknown:
+        raise ValueError(
+            f"Strategy {name!r} does not take option(s) {', '.join(unknown)}; "
+            f"it accepts: {', '.join(sorted(_OPTIONS[name]))}."
+        )
+
+
+def _one_device(devices):
+    if devices is not None and len(devices) != 1:
+        raise ValueError(f"one_device takes exactly one device, got {list(devices)}.")
+    return tf.distribute.OneDeviceStrategy(devices[0] if devices else local_devices()[0])
+
+
+def _mirrored(devices, all_reduce, num_packs):
+    all_reduce = all_reduce or "auto"
+    if all_reduce not in MIRRORED_ALL_REDUCE:
+        raise ValueError(f"all_reduce for mirrored must be one of {list(MIRRORED_ALL_REDUCE)}, got {all_reduce!r}.")
+    if num_packs is not None and (not isinstance(num_packs, int) or num_packs < 0):
+        raise ValueError(f"num_packs must be an int >= 0, got {num_packs!r}.")
+    packs = 1 if num_packs is None else num_packs
+    ops = {
+        "auto": None,
+        "nccl": lambda: tf.distribute.NcclAllReduce(num_packs=packs),
+        "hierarchical_copy": lambda: tf.distribute.HierarchicalCopyAllReduce(num_packs=packs),
+        "reduce_to_one_device": lambda: tf.distribute.ReductionToOneDevice(),
+    }[all_reduce]
+    devices = list(devices) if devices else local_devices()
+    if ops is None and all(":CPU:" in d.upper() for d in devices):
+        ops = tf.distribute.ReductionToOneDevice  # NCCL cannot reduce between CPU devices
+    return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=ops() if ops else None)
+
+
+def communication_options(all_reduce="auto", communication_timeout=None, fp16_all_reduce=False):
+    """``tf.distribute.experimental.CommunicationOptions`` for collectives.
+
+    ``fp16_all_reduce`` halves gradient traffic between workers by all-reducing
+    in float16 (DESIGN.md item 12: gRPC all-reduce dominated small-image runs).
+    """
+    all_reduce = all_reduce or "auto"
+    if all_reduce not in MULTI_WORKER_ALL_REDUCE:
+        raise ValueError(f"all_reduce for multi_worker must be one of {list(MULTI_WORKER_ALL_REDUCE)}, got {all_reduce!r}.")
+    if communication_timeout is not None and not (communication_timeout > 0):
+        raise ValueError(f"communication_timeout must be a positive number of seconds, got {communication_timeout!r}.")
+    impl = {
+        "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+        "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+        "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL,
+    }[all_reduce]
+    kwargs = {"implementation": impl}
+    if communication_timeout:
+        kwargs["timeout_seconds"] = float(communication_timeout)
+    if fp16_all_reduce:
+        kwargs["bytes_per_pack"] = 32 * 1024 * 1024
+    return tf.distribute.experimental.CommunicationOptions(**kwargs)
+
+
+def create(name="auto", *, devices=None, virtual_cpus=None, all_reduce=None, num_packs=None,
+           communication_timeout=None, fp16_all_reduce=None, cluster=None, tpu=None,
+           num_ps_shards=None, min_shard_bytes=None):
+    """Create the ``tf.distribute.Strategy`` called ``name``.
+
+    Args:
+      name: ``auto`` (TPU if reachable, multi_worker if the cluster has several
+        workers, mirrored if several GPUs, else one_device), ``one_device``,
+        ``mirrored``, ``multi_worker``, ``tpu`` or ``parameter_server``.
+      devices: device names for one_device / mirrored (default: all local).
+      virtual_cpus: split the CPU into this many logical devices first.
+      all_reduce: mirrored: auto|nccl|hierarchical_copy|reduce_to_one_device;
+        multi_worker: auto|ring|nccl.
+      num_packs: gradient packs for mirrored's nccl / hierarchical_copy.
+      communication_timeout: seconds before a multi-worker collective fails.
+      fp16_all_reduce: all-reduce gradients in float16 between workers.
+      cluster: a ``tfpar.cluster.ClusterInfo``; default ``cluster.detect()``.
+      tpu: TPU name or address for ``tpu`` (default: detected).
+      num_ps_shards, min_shard_bytes: variable partitioning for parameter_server.
+
+    Returns:
+      A plain ``tf.distribute.Strategy``.
+    """
+    options = dict(devices=devices, virtual_cpus=virtual_cpus, all_reduce=all_reduce, num_packs=num_packs,
+                   communication_timeout=communication_timeout, fp16_all_reduce=fp16_all_reduce,
+                   cluster=cluster, tpu=tpu, num_ps_shards=num_ps_shards, min_shard_bytes=min_shard_bytes)
+    _check(name, options)
+    if virtual_cpus is not None:
+        configure_virtual_cpus(virtual_cpus)
+    if name == "auto":
+        name = _auto_name(cluster)
+        log.info("strategy=auto chose %s", name)
+    if name == "one_device":
+        strategy = _one_device(devices)
+    elif name == "mirrored":
+        strategy = _mirrored(devices, all_reduce, num_packs)
+    elif name == "multi_worker":
+        strategy = _multi_worker(cluster, all_reduce, communication_timeout, fp16_all_reduce)
+    elif name == "tpu":
+        strategy = _tpu(cluster, tpu)
+    else:
+        strategy = _parameter_server(cluster, num_ps_shards, min_shard_bytes)
+    log.info("strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy
+
+
+def _auto_name(cluster):
+    from tfpar import cluster as cluster_lib
+
+    info = cluster or cluster_lib.detect()
+    if info.source == "tpu":
+        return "tpu"
+    if info.num_workers > 1:
+        return "multi_worker"
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        return "mirrored"
+    return "one_device"
+
+
+def _multi_worker(cluster, all_reduce, communication_timeout, fp16_all_reduce):
+    from tfpar import compat
+    from tfpar import cluster as cluster_lib
+
+    info = cluster or cluster_lib.detect()
+    resolver = info.resolver()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver,
+        communication_options=communication_options(all_reduce, communication_timeout, fp16_all_reduce),
+    )
+    compat.apply()
+    return strategy
+
+
+def _tpu(cluster, tpu):
+    from tfpar import cluster as cluster_lib
+
+    resolver = cluster_lib.tpu_resolver(tpu, cluster)
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def _parameter_server(cluster, num_ps_shards, min_shard_bytes):
+    from tfpar import cluster as cluster_lib
+
+    info = cluster or cluster_lib.detect()
+    shards = num_ps_shards or max(1, info.num_ps)
+    partitioner = None
+    if shards > 1:
+        partitioner = tf.distribute.experimental.partitioners.MinSizePartitioner(
+            min_shard_bytes=min_shard_bytes or 256 << 10, max_shards=shards
+        )
+    return tf.distribute.ParameterServerStrategy(info.resolver(), variable_partitioner=partitioner)
