@@ -112,7 +112,11 @@ def help_text():
 
 
 def _sentence(err):
-    """absl's messages can span lines (e.g. 'Did you mean'); the CLI shows one sentence."""
+    """absl's messages can span lines or sentences ('Did you mean'); the CLI shows one sentence."""
+    if isinstance(err, flags.UnrecognizedFlagError):
+        _, _, suggestions = str(err).partition("Did you mean: ")
+        hint = f" (did you mean --{suggestions.rstrip(' ?').split(',')[0].strip()}?)" if suggestions else ""
+        return f"Unknown command line flag '{err.flagname}'{hint}; see tfpar-train --help."
     text = " ".join(str(err).split())
     return text if text.endswith(".") else text + "."
 
