@@ -247,7 +247,10 @@ def build_model(config):
 
 
 def fit_loop(config, info, print_fn=print):
-    """The Keras ``fit`` path for every tf.distribute strategy that ``fit`` supports."""
+    """The Keras ``fit`` path for every tf.distribute strategy that ``fit`` supports.
+
+    ``print_fn=None`` keeps tfpar's own lines quiet (``config.verbose`` governs Keras's).
+    """
     from tfpar import data
 
     source = data.inspect(config.data, config.num_classes, config.seed)  # before TF touches devices
@@ -276,7 +279,7 @@ def fit_loop(config, info, print_fn=print):
     model_dir = config.model_dir if chief else os.path.join(config.model_dir, "workers", info.task_name)
     cbs, throughput = callbacks.for_run(config, model_dir, chief, global_batch, pipes.val is not None,
                                         print_fn=print_fn, task_name=info.task_name)
-    if chief or config.log_all_workers:
+    if print_fn and (chief or config.log_all_workers):
         print_fn(f"{type(strategy).__name__}: {replicas} replica(s), global batch {global_batch}, "
                  f"precision {policy}, peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
     try:
@@ -310,7 +313,7 @@ def fit_loop(config, info, print_fn=print):
         "val_loss": float(final["loss"]) if final else None,
         "val_accuracy": float(final["accuracy"]) if final else None,
         "examples_per_sec": throughput.median_examples_per_sec(),
-        "throughput_per_epoch": throughput.epochs,
+        "throughput": throughput.epochs,  # per epoch: examples_per_sec, step_time_ms, steps
         "weights_sha256": summary.weights_checksum(model),
     }
 
