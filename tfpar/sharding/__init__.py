@@ -9,17 +9,17 @@
 ``mesh`` makes the device mesh, ``rules`` maps Keras variable paths to
 layouts, ``layout_scope`` creates variables as DTensor variables,
 ``ShardedTrainer`` trains, ``report`` tables what is split where, and
-``run_config`` is the ``tfpar-train --strategy=dtensor`` path.
+``train`` is the ``tfpar-train --strategy=dtensor`` path.
 """
 
 from tfpar.sharding.meshes import mesh, parse as parse_mesh
 from tfpar.sharding.rules import DEFAULT_RULES, default_rules, load as load_rules
 
 __all__ = ["DEFAULT_RULES", "ShardedTrainer", "default_rules", "layout_scope", "load_rules", "mesh",
-           "parse_mesh", "run_config"]
+           "parse_mesh", "train"]
 
 
-_LAZY = {"ShardedTrainer": "trainer", "layout_scope": "variables", "run_config": "driver"}
+_LAZY = {"ShardedTrainer": "trainer", "layout_scope": "variables", "train": "driver"}
 
 
 def __getattr__(name):  # TensorFlow is imported only when these are used

@@ -1,14 +1,11 @@
 """``tfpar-train --strategy=dtensor``: a ``TrainConfig`` trained on a DTensor mesh.
 
-Same inputs, callbacks and summary fields as ``tfpar.train.run``, plus the
-mesh and the parameter bytes each device holds.
+Same data, model, optimizer, loss, callbacks and summary fields as
+``tfpar.train.fit_loop``, plus the mesh and the parameter bytes each device holds.
 """
 
-import dataclasses
 import hashlib
-import json
 import os
-import time
 
 import numpy as np
 
@@ -58,95 +55,83 @@ def weights_checksum(trainer):
     return digest.hexdigest()
 
 
-def run_config(config, cluster_info=None, print_fn=print):
-    """Train per ``config`` on the mesh ``config.mesh`` (default: all devices on ``batch``)."""
-    config.validate()
+def train(config, info, print_fn=print):
+    """Train per ``config`` on the mesh ``config.mesh`` (default: every device on ``batch``).
+
+    The ``tfpar.train.TRAINING_LOOPS["dtensor"]`` entry: returns the keys
+    ``tfpar.train.fit_loop`` returns, plus the mesh, the layout rules and the
+    parameter bytes in all and per device; ``tfpar.train.run`` adds the rest
+    and writes the summaries.
+    """
+    from tfpar import data
     from tfpar.sharding import meshes, rules as rules_lib
 
     mesh_shape = meshes.parse(_mesh_spec(config))  # user mistakes first, before TF starts
     rules = _rules(config)
-    batch_parts = next(iter(mesh_shape.values()))
-    if config.batch_size % batch_parts:
-        raise ValueError(
-            f"batch_size {config.batch_size} does not divide evenly over mesh axis "
-            f"{next(iter(mesh_shape))!r} of size {batch_parts}; use a multiple of {batch_parts}."
-        )
-    if cluster_info is None:
-        from tfpar import cluster as cluster_lib
-
-        cluster_info = cluster_lib.detect()
-    dtensor_env_from_cluster(cluster_info)
+    batch_axis, replicas = next(iter(mesh_shape.items()))
+    global_batch = config.global_batch_size(replicas)
+    source = data.inspect(config.data, config.num_classes, config.seed)
+    dtensor_env_from_cluster(info)
 
     import keras
 
-    from tfpar import callbacks, data, models, precision, summary
-    from tfpar.sharding import report
+    from tfpar import callbacks, precision
+    from tfpar.sharding import report, variables
     from tfpar.sharding.trainer import ShardedTrainer
-    from tfpar.train import _optimizer
+    from tfpar.train import build_model, make_loss, make_optimizer
 
-    started = time.time()
     dmesh = meshes.mesh(mesh_shape, virtual_cpus=config.virtual_cpus)
     policy = precision.apply(config.precision)
     keras.utils.set_random_seed(config.seed)
+    # Every client reads the same global batches and packs its own devices' slices.
+    pipes = data.make(config, global_batch, source)
+    report.plan(lambda: build_model(config), rules, mesh_shape)  # rule errors as one clear sentence
+    peak = []
 
-    def build():
-        return models.build(
-            config.model, num_classes=config.num_classes, input_shape=(config.image_size, config.image_size, 3),
-            width_multiplier=config.width_multiplier, bn_momentum=config.bn_momentum,
-            weight_decay=config.weight_decay if config.optimizer != "adamw" else 0.0,
-        )
+    def optimizer():
+        made, rate = make_optimizer(config, global_batch, pipes.steps_per_epoch)
+        peak.append(rate)
+        return made
 
-    # Check every rule against the model's shapes without allocating anything.
-    report.plan(build, rules, mesh_shape)
-    trainer = ShardedTrainer(build, dmesh, rules, optimizer=lambda: _optimizer(config))
+    trainer = ShardedTrainer(lambda: build_model(config), dmesh, rules, optimizer=optimizer,
+                             loss=make_loss(config), batch_axis=batch_axis)
     rows = report.from_layouts(trainer.model, trainer.layouts)
-    sharded = sum(1 for r in rows if any(r["spec"]))
-    print_fn(f"mesh {','.join(f'{k}={v}' for k, v in mesh_shape.items())}: {sharded} of {len(rows)} weights sharded, "
-             f"{report.totals(rows)['param_bytes_per_device'] / 2**20:.2f} MiB of parameters per device")
+    totals = report.totals(rows)
 
-    (x_train, y_train), (x_val, y_val) = data.load_digits(config.image_size, seed=config.seed)
-    train_ds = data.from_arrays(x_train, y_train, config.batch_size, training=True, seed=config.seed)
-    val_ds = data.from_arrays(x_val, y_val, config.batch_size, training=False, drop_remainder=False)
-    steps = config.steps_per_epoch or len(x_train) // config.batch_size
-
-    chief = cluster_info.is_chief
-    model_dir = config.model_dir if chief else os.path.join(config.model_dir, "workers", cluster_info.task_name)
-    throughput = callbacks.ThroughputLogger(
-        config.batch_size, log_dir=os.path.join(model_dir, "train") if config.tensorboard else None,
-        print_fn=print_fn if chief else None,
-    )
-    cbs = [throughput, keras.callbacks.TerminateOnNaN()]
-    if config.tensorboard:
-        cbs.append(keras.callbacks.TensorBoard(log_dir=model_dir, write_graph=False))
-    history = trainer.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps, validation_data=val_ds,
-                          validation_steps=config.validation_steps, callbacks=cbs,
-                          verbose=config.verbose if chief else 0)
-    final = trainer.evaluate(val_ds, steps=config.validation_steps)
-    from tfpar.sharding import variables as var_lib
-
-    result = {
-        "config": dataclasses.asdict(config),
+    chief = info.is_chief
+    speak = chief or config.log_all_workers
+    model_dir = config.model_dir if chief else os.path.join(config.model_dir, "workers", info.task_name)
+    cbs, throughput = callbacks.for_run(config, model_dir, chief, global_batch, pipes.val is not None,
+                                        print_fn=print_fn, task_name=info.task_name)
+    if speak:
+        print_fn(f"DTensor mesh {','.join(f'{k}={v}' for k, v in mesh_shape.items())}: global batch {global_batch}, "
+                 f"precision {policy}, {sum(1 for r in rows if any(r['spec']))} of {len(rows)} weights sharded, "
+                 f"parameters {totals['param_bytes_per_device'] / 2**20:.2f} of {totals['param_bytes'] / 2**20:.2f} "
+                 f"MiB per device, {pipes.steps_per_epoch} steps/epoch")
+    history = trainer.fit(pipes.train, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
+                          validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
+                          callbacks=cbs, verbose=config.verbose if speak else 0)
+    final = trainer.evaluate(pipes.val, steps=pipes.validation_steps) if pipes.val is not None else {}
+    hist = history.history
+    last = lambda key: float(hist[key][-1]) if hist.get(key) else None  # noqa: E731
+    return {
         "strategy": "DTensor",
-        "replicas": batch_parts,
+        "replicas": replicas,
         "precision": policy,
-        "task": cluster_info.task_name,
-        "num_workers": cluster_info.num_workers,
-        "versions": summary.versions(),
-        "epochs_done": len(history.history.get("loss", [])),
-        "steps_done": int(var_lib.host_value(trainer.optimizer.iterations)),
-        "train_loss": float(history.history["loss"][-1]),
-        "train_accuracy": float(history.history["accuracy"][-1]),
-        "val_loss": float(final["loss"]),
-        "val_accuracy": float(final["accuracy"]),
+        "global_batch_size": global_batch,
+        "learning_rate_peak": peak[0] if peak else None,
+        "jit_compile": False,
+        "epochs_done": len(hist.get("loss", [])),
+        "steps_done": sum(epoch["steps"] for epoch in throughput.epochs),
+        "optimizer_updates": int(variables.host_value(trainer.optimizer.iterations)),
+        "train_loss": last("loss"),
+        "train_accuracy": last("accuracy"),
+        "val_loss": float(final["loss"]) if final else None,
+        "val_accuracy": float(final["accuracy"]) if final else None,
         "examples_per_sec": throughput.median_examples_per_sec(),
-        "wall_time_sec": time.time() - started,
+        "throughput_per_epoch": throughput.epochs,
         "weights_sha256": weights_checksum(trainer),
         "mesh": mesh_shape,
         "layout_rules": [[r.pattern, list(s)] for r, s in rules_lib.normalize(rules)],
-        **report.totals(rows),
+        **totals,
     }
-    json.dumps(result, default=str)  # fail here, not half-way through the write
-    summary.write_json_atomic(os.path.join(config.model_dir, f"summary.{cluster_info.task_name}.json"), result)
-    if chief:
-        summary.write_json_atomic(os.path.join(config.model_dir, "summary.json"), result)
-    return result

@@ -67,6 +67,34 @@ def put(value, layout):
     return tensor if layout.is_fully_replicated() else dtensor.relayout(tensor, layout)
 
 
+def _gather(tensor):
+    layout = dtensor.fetch_layout(tensor)
+    if not layout.is_fully_replicated():
+        tensor = dtensor.relayout(tensor, dtensor.Layout.replicated(layout.mesh, layout.rank))
+    return dtensor.unpack(tensor)[0].numpy()
+
+
+class ShardedVariable(dtensor.DVariable):
+    """A ``DVariable`` that reads out whole and takes whole host values.
+
+    So Keras's own ``get_weights``/``set_weights``/``save_weights``/
+    ``load_weights`` work on sharded weights: a plain DVariable refuses to
+    copy a sharded value to the host, and to assign a host value.
+    """
+
+    def numpy(self):
+        return _gather(self.read_value())
+
+    def __array__(self, dtype=None):
+        value = self.numpy()
+        return value.astype(dtype) if dtype is not None else value
+
+    def assign(self, value, use_locking=None, name=None, read_value=True):
+        if tf.executing_eagerly() and not (tf.is_tensor(value) and dtensor.is_dtensor(value)):
+            value = put(tf.cast(value, self.dtype), self.tfpar_layout)
+        return super().assign(value, use_locking=use_locking, name=name, read_value=read_value)
+
+
 @contextlib.contextmanager
 def layout_scope(dmesh, rules):
     """Create every variable inside as a ``DVariable`` laid out by ``rules``; yields ``Layouts``.
@@ -85,9 +113,10 @@ def layout_scope(dmesh, rules):
             value = tf.convert_to_tensor(value, dtype=kwargs.get("dtype"))
             path = _current_keras_path(name)
             spec = layouts.spec_for(path, value.shape)
-            return dtensor.DVariable(
-                put(value, layouts.layout(spec)), trainable=kwargs.get("trainable", True), name=name,
-            )
+            layout = layouts.layout(spec)
+            variable = ShardedVariable(put(value, layout), trainable=kwargs.get("trainable", True), name=name)
+            variable.tfpar_layout = layout
+            return variable
 
     with tf.variable_creator_scope(creator):
         yield layouts
@@ -126,12 +155,7 @@ def adapt_layers(model, layouts):
 def host_value(variable):
     """A Keras/DTensor variable's full value as numpy (works for any layout)."""
     tensor = tf.convert_to_tensor(getattr(variable, "value", variable))
-    if dtensor.is_dtensor(tensor):
-        layout = dtensor.fetch_layout(tensor)
-        if not layout.is_fully_replicated():
-            tensor = dtensor.relayout(tensor, dtensor.Layout.replicated(layout.mesh, layout.rank))
-        return dtensor.unpack(tensor)[0].numpy()
-    return tensor.numpy()
+    return _gather(tensor) if dtensor.is_dtensor(tensor) else tensor.numpy()
 
 
 def local_shapes(variable):
