@@ -176,3 +176,43 @@ def test_mesh_that_does_not_match_the_devices_is_a_clear_error(worker_result):
     assert worker_result["mesh_error"] == (
         "Mesh batch=3,model=1 needs 3 CPU devices but this process has 4; make the axis sizes multiply to 4."
     )
+
+
+# ----- tfpar-train --strategy=dtensor ---------------------------------------
+def _cli(args, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen([sys.executable, "-m", "tfpar.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+def test_cli_trains_on_a_mesh_and_reports_bytes_per_device(tmp_path):
+    code, out, err = _cli(["--strategy=dtensor", "--mesh=batch=2,model=2", "--virtual_cpus=4", "--model=vgg11",
+                           "--width_multiplier=0.125", "--epochs=1", "--steps_per_epoch=3", "--validation_steps=1",
+                           "--batch_size=16", f"--model_dir={tmp_path}", "--verbose=0"])
+    assert code == 0, err[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["strategy"] == "DTensor" and summary["mesh"] == {"batch": 2, "model": 2}
+    assert summary["optimizer_updates"] == 3 and summary["replicas"] == 2
+    assert 0 < summary["param_bytes_per_device"] < summary["param_bytes"]
+    assert np.isfinite(summary["val_loss"])
+    assert (tmp_path / "best.weights.h5").exists()  # Keras save_weights on sharded weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,message", [
+    (["--mesh=batch=3,model=1"], "Mesh batch=3,model=1 needs 3 CPU devices but this process has 4"),
+    (["--mesh=batch=1,model=4"], "dimension 10 does not divide evenly over mesh axis 'model' of size 4"),
+])
+def test_cli_mesh_errors_exit_2_with_one_line(tmp_path, args, message):
+    code, out, err = _cli(["--strategy=dtensor", "--virtual_cpus=4", "--model=vgg11", "--width_multiplier=0.125",
+                           "--batch_size=16", f"--model_dir={tmp_path}", *args], timeout=300)
+    assert code == 2, err[-3000:]
+    assert f"tfpar-train: error: " in err and message in err
