@@ -208,11 +208,11 @@ def test_cli_trains_on_a_mesh_and_reports_bytes_per_device(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
-    (["--mesh=batch=3,model=1"], "Mesh batch=3,model=1 needs 3 CPU devices but this process has 4"),
-    (["--mesh=batch=1,model=4"], "dimension 10 does not divide evenly over mesh axis 'model' of size 4"),
+    (["--mesh=batch=3,model=1", "--batch_size=12"], "Mesh batch=3,model=1 needs 3 CPU devices but this process has 4"),
+    (["--mesh=batch=1,model=4", "--batch_size=16"], "dimension 10 does not divide evenly over mesh axis 'model' of size 4"),
 ])
 def test_cli_mesh_errors_exit_2_with_one_line(tmp_path, args, message):
     code, out, err = _cli(["--strategy=dtensor", "--virtual_cpus=4", "--model=vgg11", "--width_multiplier=0.125",
-                           "--batch_size=16", f"--model_dir={tmp_path}", *args], timeout=300)
+                           f"--model_dir={tmp_path}", *args], timeout=300)
     assert code == 2, err[-3000:]
-    assert f"tfpar-train: error: " in err and message in err
+    assert "tfpar-train: error: " in err and message in err
