@@ -166,3 +166,26 @@ def test_killed_worker_is_survived_and_shards_spread_over_ps_tasks(local_cluster
     # Two ps tasks: one shard of each big kernel on each, by default (num_ps_shards = number of ps).
     assert sorted(d.split("/")[1] + d.split("/")[3] for d in summary["variable_placement"]["fc6/kernel"]) == [
         "job:pstask:0", "job:pstask:1"]
+
+
+@pytest.mark.slow
+def test_lost_ps_stops_with_clear_error_and_restart_resumes_from_checkpoint(local_cluster, tmp_path):
+    c = local_cluster(workers=1, ps=1)
+    c.start_servers()
+    config = _config(tmp_path, epochs=5, steps_per_epoch=10, tensorboard=False)
+    chief = c.start_chief(config)
+    lines = _read_lines(chief, lambda line: line.startswith("epoch 2/"), time.monotonic() + 180)
+    assert lines and lines[-1].startswith("epoch 2/"), "\n".join(lines)[-4000:]
+    c.kill("ps-0")
+    out = _finish(chief, lines, timeout=180)
+    assert chief.returncode != 0
+    assert f"ParameterServerError: Lost ps:0 ({c.spec['ps'][0]}) during epoch" in out, out[-4000:]
+    assert not (tmp_path / "summary.json").exists()
+
+    c.start("ps", 0, ["-c", SERVE], stdout=subprocess.DEVNULL)
+    chief = c.start_chief(config)
+    out = _finish(chief, [], timeout=240)
+    assert chief.returncode == 0, out[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["initial_epoch"] >= 2, summary["initial_epoch"]
+    assert summary["epochs_done"] == 5 and summary["steps_done"] == 50

@@ -230,8 +230,10 @@ def _means(totals):
 
 
 def _is_ps_failure(err):
-    text = str(err)
-    return "/job:ps" in text or "parameter server" in text.lower() or "PS failure" in text
+    """Worker losses are retried by the coordinator; an unavailable task that reaches us is a PS."""
+    import tensorflow as tf
+
+    return isinstance(err, tf.errors.UnavailableError) or "/job:ps" in str(err)
 
 
 @dataclasses.dataclass
@@ -350,10 +352,10 @@ def fit(model, coordinator, dataset_fn, *, epochs=1, steps_per_epoch, validation
             for result in results:
                 for key, value in result.fetch().items():
                     totals[key] = totals.get(key, 0.0) + float(value)
-        except (tf.errors.OpError, ValueError) as err:
-            if isinstance(err, ValueError) and not _is_ps_failure(err):
+        except tf.errors.OpError as err:
+            if not _is_ps_failure(err):
                 raise
-            raise _ps_failure(err, epoch, finished_steps, checkpointer) from err
+            raise _ps_failure(err, strategy, epoch, finished_steps, checkpointer) from err
         elapsed = time.perf_counter() - started
         finished_steps += len(results)
         count = totals.get("count", 0.0)
@@ -379,13 +381,19 @@ def fit(model, coordinator, dataset_fn, *, epochs=1, steps_per_epoch, validation
     return model.history
 
 
-def _ps_failure(err, epoch, finished_steps, checkpointer):
+def _ps_failure(err, strategy, epoch, finished_steps, checkpointer):
+    """A ``ParameterServerError`` that names the lost task and where a restart resumes."""
+    text = str(err)
+    resolver = strategy.cluster_resolver or getattr(strategy, "_cluster_resolver", None)
+    addresses = resolver.cluster_spec().as_dict().get("ps", []) if resolver else []
+    lost = [f"ps:{i} ({a})" for i, a in enumerate(addresses) if a in text or f"/job:ps/replica:0/task:{i}" in text]
+    who = ", ".join(lost) or "a parameter server"
     where = (f"the latest checkpoint in {checkpointer.manager.directory} (epoch {int(checkpointer.epoch.numpy())})"
              if checkpointer else "scratch: no checkpoint_dir was given")
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ParameterServerError(
-        f"A parameter server failed during epoch {epoch + 1} after {finished_steps} finished steps "
-        f"({first_line}); restart the ps and worker tasks and the chief, which resumes from {where}."
+        f"Lost {who} during epoch {epoch + 1} after {finished_steps} finished steps "
+        f"({type(err).__name__}); its variables are gone, so training stopped. Restart the ps task(s) "
+        f"and the chief (workers may stay up): the chief resumes from {where}."
     )
 
 
@@ -449,6 +457,7 @@ def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_sha
         "versions": summary.versions(),
         "epochs_done": history.initial_epoch + len(history.history.get("loss", [])),
         "steps_done": history.finished_steps,
+        "initial_epoch": history.initial_epoch,
         "train_loss": float(logs.get("loss", float("nan"))),
         "train_accuracy": float(logs.get("accuracy", float("nan"))),
         "loss_history": [float(v) for v in history.history.get("loss", [])],
