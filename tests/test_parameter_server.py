@@ -130,12 +130,19 @@ def _config(model_dir, **overrides):
 
 
 @pytest.mark.slow
-def test_async_training_reaches_target_steps_with_variables_on_ps(local_cluster, tmp_path):
-    c = local_cluster(workers=2, ps=1)
-    c.start_servers()
-    chief = c.start_chief(_config(tmp_path), {"num_ps_shards": 2, "min_shard_bytes": 256 << 10})
-    out = _finish(chief, [], timeout=240)
-    assert chief.returncode == 0, out[-4000:]
+def test_async_training_under_launch_local_reaches_target_steps_with_variables_on_ps(tmp_path):
+    """chief + 2 workers + 1 ps started by ``tfpar-launch --workers 2 --ps 1``."""
+    options = {"num_ps_shards": 2, "min_shard_bytes": 256 << 10}
+    command = [sys.executable, "-m", "tfpar.launcher", "--workers", "2", "--ps", "1", "--timeout", "240", "--",
+               sys.executable, "-c", CHIEF, json.dumps(_config(tmp_path)), json.dumps(options)]
+    launcher = subprocess.Popen(command, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = _finish(launcher, [], timeout=270)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 0, out[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps_done"] == 60
     assert summary["epochs_done"] == 3
