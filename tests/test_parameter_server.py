@@ -17,14 +17,15 @@ import pytest
 
 from tfpar import cluster, parameter_server
 
+# The chief through tfpar.train.run, with partitioning options the CLI has no flags for.
 CHIEF = """
-import json, sys
-from tfpar import cluster, parameter_server
-from tfpar.train import TrainConfig
-config = TrainConfig(**json.loads(sys.argv[1]))
-parameter_server.run_config(config, cluster.detect(), print_fn=lambda s: print(s, flush=True),
-                            **json.loads(sys.argv[2]))
+import functools, json, sys
+from tfpar import parameter_server, train
+train.TRAINING_LOOPS["parameter_server"] = functools.partial(
+    parameter_server.run_config, **json.loads(sys.argv[2]))
+train.run(train.TrainConfig(**json.loads(sys.argv[1])), print_fn=lambda s: print(s, flush=True))
 """
+CLI = "import sys; from tfpar.cli import run_main; sys.argv[0] = 'tfpar-train'; run_main()"
 SERVE = "from tfpar import parameter_server; parameter_server.serve()"
 
 
@@ -67,9 +68,9 @@ class LocalCluster:
             for index in range(len(self.spec[task_type])):
                 self.start(task_type, index, ["-c", SERVE], stdout=subprocess.DEVNULL)
 
-    def start_chief(self, config, options=None):
-        return self.start("chief", 0, ["-c", CHIEF, json.dumps(config), json.dumps(options or {})],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    def start_chief(self, flags):
+        """``tfpar-train`` as the chief, its output readable line by line."""
+        return self.start("chief", 0, ["-c", CLI, *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def kill(self, name):
         proc = self.procs[name]
@@ -124,9 +125,14 @@ def _finish(proc, lines, timeout):
 def _config(model_dir, **overrides):
     config = dict(model="alexnet", width_multiplier=0.125, image_size=32, batch_size=32, epochs=3,
                   steps_per_epoch=20, strategy="parameter_server", optimizer="adam", learning_rate=0.002,
-                  model_dir=str(model_dir), tensorboard=True, verbose=1)
+                  lr_reference_batch=0, lr_schedule="constant", model_dir=str(model_dir), tensorboard=True,
+                  verbose=1)
     config.update(overrides)
     return config
+
+
+def _flags(model_dir, **overrides):
+    return [f"--{k}={v}" for k, v in _config(model_dir, **overrides).items()]
 
 
 @pytest.mark.slow
@@ -161,7 +167,7 @@ def test_async_training_under_launch_local_reaches_target_steps_with_variables_o
 def test_killed_worker_is_survived_and_shards_spread_over_ps_tasks(local_cluster, tmp_path):
     c = local_cluster(workers=2, ps=2)
     c.start_servers()
-    chief = c.start_chief(_config(tmp_path, epochs=4), {"min_shard_bytes": 256 << 10})
+    chief = c.start_chief(_flags(tmp_path, epochs=4))
     lines = _read_lines(chief, lambda line: line.startswith("epoch 1/"), time.monotonic() + 180)
     assert lines and lines[-1].startswith("epoch 1/"), "\n".join(lines)[-4000:]
     c.kill("worker-1")
@@ -179,8 +185,8 @@ def test_killed_worker_is_survived_and_shards_spread_over_ps_tasks(local_cluster
 def test_lost_ps_stops_with_clear_error_and_restart_resumes_from_checkpoint(local_cluster, tmp_path):
     c = local_cluster(workers=1, ps=1)
     c.start_servers()
-    config = _config(tmp_path, epochs=5, steps_per_epoch=10, tensorboard=False)
-    chief = c.start_chief(config)
+    flags = _flags(tmp_path, epochs=5, steps_per_epoch=10, tensorboard=False)
+    chief = c.start_chief(flags)
     lines = _read_lines(chief, lambda line: line.startswith("epoch 2/"), time.monotonic() + 180)
     assert lines and lines[-1].startswith("epoch 2/"), "\n".join(lines)[-4000:]
     c.kill("ps-0")
@@ -190,9 +196,18 @@ def test_lost_ps_stops_with_clear_error_and_restart_resumes_from_checkpoint(loca
     assert not (tmp_path / "summary.json").exists()
 
     c.start("ps", 0, ["-c", SERVE], stdout=subprocess.DEVNULL)
-    chief = c.start_chief(config)
+    chief = c.start_chief(flags)
     out = _finish(chief, [], timeout=240)
     assert chief.returncode == 0, out[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["initial_epoch"] >= 2, summary["initial_epoch"]
     assert summary["epochs_done"] == 5 and summary["steps_done"] == 50
+
+
+def test_serve_and_chief_entry_points_reject_the_wrong_task():
+    spec = {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"], "ps": ["127.0.0.1:3"]}
+    chief = cluster.ClusterInfo("chief", 0, 2, 1, "tf_config", spec)
+    with pytest.raises(ValueError, match="serve\\(\\) is for 'worker' and 'ps' tasks.*'chief-0'"):
+        parameter_server.serve(chief)
+    with pytest.raises(ValueError, match="runs on the 'chief'.*'worker-0' with 0 ps"):
+        parameter_server.create(cluster.ClusterInfo())

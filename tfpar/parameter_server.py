@@ -290,9 +290,10 @@ def fit(model, coordinator, dataset_fn, *, epochs=1, steps_per_epoch, validation
       model: a Keras 3 model built and compiled (loss, optimizer) inside the
         coordinator's ``strategy.scope()``.
       coordinator: a ``tf.distribute.coordinator.ClusterCoordinator``.
-      dataset_fn: no-argument function returning a repeated, batched
-        ``tf.data.Dataset``; it runs on every worker. One step is one batch
-        on one worker.
+      dataset_fn: a repeated, batched ``tf.data.Dataset``, or a no-argument
+        function returning one (traced once, run on every worker, where a
+        seedless shuffle then differs per worker). Every worker reads its
+        own copy; one step is one batch on one worker.
       epochs, steps_per_epoch: how much to train; an epoch ends when the
         coordinator has seen ``steps_per_epoch`` steps finish.
       validation_data: a finite ``tf.data.Dataset`` of ``(x, y)`` batches,
@@ -328,11 +329,13 @@ def fit(model, coordinator, dataset_fn, *, epochs=1, steps_per_epoch, validation
     initial_epoch = int(checkpointer.epoch.numpy()) if checkpointer else 0
     finished_steps = int(checkpointer.steps.numpy()) if checkpointer else 0
 
-    def per_worker_dataset_fn():
-        tf.random.set_seed(None)  # traced once, run on every worker: let each shuffle its own way
-        return strategy.distribute_datasets_from_function(lambda _: dataset_fn())
-
-    iterator = iter(coordinator.create_per_worker_dataset(per_worker_dataset_fn))
+    if isinstance(dataset_fn, tf.data.Dataset):
+        per_worker = dataset_fn  # serialized and rebuilt on every worker, shuffle seeds included
+    else:
+        def per_worker(_fn=dataset_fn):
+            tf.random.set_seed(None)  # traced once, run on every worker: let each shuffle its own way
+            return strategy.distribute_datasets_from_function(lambda _: _fn())
+    iterator = iter(coordinator.create_per_worker_dataset(per_worker))
     step = _train_step_fn(model, metric_fns)
     evaluate = _eval_fn(model, metric_fns) if validation_data is not None else None
 
@@ -398,75 +401,73 @@ def _ps_failure(err, strategy, epoch, finished_steps, checkpointer):
 
 
 def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_shard_bytes=None):
-    """``tfpar.train.run`` for ``strategy='parameter_server'``: serve, or train as the chief.
+    """``tfpar.train``'s training loop for ``strategy='parameter_server'``.
 
-    Worker and ps tasks block in ``serve()``; the chief trains per ``config``
-    and returns the same summary fields as ``tfpar.train.run`` (plus
-    ``num_ps`` and ``variable_placement``), written to ``model_dir``.
-    ``num_ps_shards``/``min_shard_bytes`` partition large variables.
+    Worker and ps tasks block in ``serve()``. The chief trains per
+    ``config`` and returns the loop fields ``tfpar.train.run`` expects
+    (strategy, replicas, precision, epochs_done, steps_done, losses,
+    accuracies, examples_per_sec, weights_sha256) plus ``num_ps``,
+    ``initial_epoch``, ``loss_history`` and ``variable_placement``;
+    ``run`` adds config, versions, task and wall time and writes
+    ``summary.json``. ``num_ps_shards``/``min_shard_bytes`` partition large
+    variables (default: one shard per ps task for weights over 256 KiB).
     """
     if cluster_info.task_type in SERVING_TASKS:
         serve(cluster_info)
         return None
+    if config.grad_accum_steps > 1 or config.steps_per_execution > 1:
+        raise ValueError("parameter_server training runs one batch per scheduled step; "
+                         "use grad_accum_steps=1 and steps_per_execution=1.")
+    from tfpar import data
+
+    source = data.inspect(config.data, config.num_classes, config.seed)
+
     import keras
 
-    from tfpar import data, models, precision, summary
-    from tfpar.train import _optimizer
+    from tfpar import precision, summary
+    from tfpar import train as train_lib
 
-    started = time.time()
-    config.validate()
     strategy, coordinator = create(cluster_info, num_ps_shards, min_shard_bytes)
     policy = precision.apply(config.precision, strategy)
     keras.utils.set_random_seed(config.seed)
-
-    (x_train, y_train), (x_val, y_val) = data.load_digits(config.image_size, seed=config.seed)
-    steps = config.steps_per_epoch or len(x_train) // config.batch_size
-    val_ds = data.from_arrays(x_val, y_val, config.batch_size, training=False, drop_remainder=False)
-    if config.validation_steps:
-        val_ds = val_ds.take(config.validation_steps)
-
-    def train_ds():
-        return data.from_arrays(x_train, y_train, config.batch_size, training=True, seed=None)
-
+    batch = config.global_batch_size(1)  # one step is one batch on one worker
+    pipes = data.make(config, batch, source)
     with strategy.scope():
-        model = models.build(
-            config.model, num_classes=config.num_classes,
-            input_shape=(config.image_size, config.image_size, 3),
-            width_multiplier=config.width_multiplier, bn_momentum=config.bn_momentum,
-            weight_decay=config.weight_decay if config.optimizer != "adamw" else 0.0,
-        )
-        model.compile(optimizer=_optimizer(config), loss="sparse_categorical_crossentropy")
+        model = train_lib.build_model(config)
+        optimizer, peak = train_lib.make_optimizer(config, batch, pipes.steps_per_epoch)
+        model.compile(optimizer=optimizer, loss=train_lib.make_loss(config))
+    val = pipes.val.take(pipes.validation_steps) if pipes.val is not None and pipes.validation_steps else pipes.val
+    if print_fn:
+        print_fn(f"ParameterServerStrategy: {cluster_info.num_workers - 1} worker(s), {cluster_info.num_ps} ps, "
+                 f"batch {batch} per step, precision {policy}, peak learning rate {peak:.4g}, "
+                 f"{pipes.steps_per_epoch} steps/epoch")
 
     callbacks = [keras.callbacks.TensorBoard(log_dir=config.model_dir)] if config.tensorboard else []
     history = fit(
-        model, coordinator, train_ds, epochs=config.epochs, steps_per_epoch=steps, validation_data=val_ds,
-        callbacks=callbacks, checkpoint_dir=os.path.join(config.model_dir, "checkpoints"),
+        model, coordinator, pipes.train, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
+        validation_data=val, callbacks=callbacks, checkpoint_dir=os.path.join(config.model_dir, "checkpoints"),
         print_fn=print_fn if config.verbose else None,
     )
-    logs = {k: v[-1] for k, v in history.history.items()}
-    final = _eval_fn(model, {"accuracy": sparse_accuracy})(val_ds)
-    rates = history.history.get("examples_per_sec", [])
-    result = {
-        "config": dataclasses.asdict(config),
+    hist = history.history
+    final = _eval_fn(model, {"accuracy": sparse_accuracy})(val) if val is not None else {}
+    rates = hist.get("examples_per_sec", [])
+    return {
         "strategy": type(strategy).__name__,
         "replicas": strategy.num_replicas_in_sync,
         "precision": policy,
-        "task": cluster_info.task_name,
-        "num_workers": cluster_info.num_workers,
+        "global_batch_size": batch,
+        "learning_rate_peak": peak,
         "num_ps": cluster_info.num_ps,
-        "versions": summary.versions(),
-        "epochs_done": history.initial_epoch + len(history.history.get("loss", [])),
-        "steps_done": history.finished_steps,
         "initial_epoch": history.initial_epoch,
-        "train_loss": float(logs.get("loss", float("nan"))),
-        "train_accuracy": float(logs.get("accuracy", float("nan"))),
-        "loss_history": [float(v) for v in history.history.get("loss", [])],
-        "val_loss": float(final["loss"]),
-        "val_accuracy": float(final["accuracy"]),
+        "epochs_done": history.initial_epoch + len(hist.get("loss", [])),
+        "steps_done": history.finished_steps,
+        "optimizer_updates": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "train_loss": float(hist["loss"][-1]) if hist.get("loss") else None,
+        "train_accuracy": float(hist["accuracy"][-1]) if hist.get("accuracy") else None,
+        "loss_history": [float(v) for v in hist.get("loss", [])],
+        "val_loss": float(final["loss"]) if final else None,
+        "val_accuracy": float(final["accuracy"]) if final else None,
         "examples_per_sec": float(np.median(rates)) if rates else None,
-        "wall_time_sec": time.time() - started,
         "weights_sha256": summary.weights_checksum(model),
         "variable_placement": variable_placement(model),
     }
-    summary.write_json_atomic(os.path.join(config.model_dir, "summary.json"), result)
-    return result
