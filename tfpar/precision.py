@@ -7,6 +7,7 @@ scale on request.
 """
 
 import logging
+import os
 
 import keras
 import tensorflow as tf
@@ -26,6 +27,12 @@ def cpu_has_native_bf16():
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def onednn_enabled(environ=None):
+    """TF's x86 CPU build computes bf16 through oneDNN, on unless TF_ENABLE_ONEDNN_OPTS=0."""
+    env = os.environ if environ is None else environ
+    return env.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() not in ("0", "false")
+
+
 def _gpu_compute_capability():
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
@@ -40,14 +47,15 @@ def resolve(policy="auto", strategy=None):
         raise ValueError(f"Unknown precision {policy!r}; choose one of: {', '.join(POLICIES)}.")
     if policy != "auto":
         return policy
-    if strategy is not None and isinstance(strategy, tf.distribute.TPUStrategy):
+    strategy = strategy or tf.distribute.get_strategy()
+    if isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)):
         return "mixed_bfloat16"
     capability = _gpu_compute_capability()
     if capability is not None:
         return "mixed_float16" if capability >= (7, 0) else "float32"
-    # On CPUs bf16 is only worth it with native instructions and tfpar's fused
-    # BatchNormalization (DESIGN.md items 8 and 10).
-    return "mixed_bfloat16" if cpu_has_native_bf16() else "float32"
+    # On CPUs bf16 is only faster with native instructions reached through
+    # oneDNN, and with tfpar's fused BatchNormalization (DESIGN.md items 8, 10).
+    return "mixed_bfloat16" if cpu_has_native_bf16() and onednn_enabled() else "float32"
 
 
 def apply(policy="auto", strategy=None):
@@ -66,7 +74,8 @@ def loss_scale_optimizer(optimizer, initial_scale=2.0**15, dynamic=True):
     """
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return optimizer
-    # A fixed scale is a dynamic one that never grows: it only shrinks on
-    # overflow, which a fixed scale must also do to skip non-finite steps.
+    # Keras has no fixed-scale mode: "fixed" here never grows. On overflow
+    # Keras still halves the scale and skips that step, which is what keeps a
+    # non-finite update out of the weights.
     growth = 2**62 if not dynamic else 2000
     return keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=initial_scale, dynamic_growth_steps=growth)

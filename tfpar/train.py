@@ -28,7 +28,10 @@ DEFAULT_GLOBAL_BATCH = 64
 # versions, task and wall time, and writes the summaries. Add one line each:
 #     "dtensor": "tfpar.sharding:train",
 #     "parameter_server": "tfpar.parameter_server:train",
-TRAINING_LOOPS = {"dtensor": "tfpar.sharding:train"}  # sharding branch hook
+TRAINING_LOOPS = {
+    "dtensor": "tfpar.sharding:train",
+    "parameter_server": "tfpar.parameter_server:run_config",
+}
 OWN_LOOP_STRATEGIES = ("dtensor", "parameter_server")  # Keras fit cannot train these (DESIGN items 4, 5)
 
 
