@@ -25,9 +25,7 @@ DEFAULT_GLOBAL_BATCH = 64
 # print_fn)`` with a validated ``TrainConfig`` and ``tfpar.cluster.ClusterInfo``
 # and returns a dict of results (keys as ``fit_loop`` returns; at least
 # strategy, replicas, precision, epochs_done, steps_done). ``run()`` adds config,
-# versions, task and wall time, and writes the summaries. Add one line each:
-#     "dtensor": "tfpar.sharding:train",
-#     "parameter_server": "tfpar.parameter_server:train",
+# versions, task and wall time, and writes the summaries.
 TRAINING_LOOPS = {
     "dtensor": "tfpar.sharding:train",
     "parameter_server": "tfpar.parameter_server:run_config",
