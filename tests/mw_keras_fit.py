@@ -38,7 +38,7 @@ y = (x[:, 0] + x[:, 1] > 0).astype("int32")
 ds = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(32)
 with strategy.scope():
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.BatchNormalization(momentum=0.5), keras.layers.Dense(2, activation="softmax")])
+                              keras.layers.BatchNormalization(momentum=0.5), keras.layers.Dense(2, activation="softmax", dtype="float32")])  # float32 outputs, as tfpar's models
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", metrics=["accuracy"])
 history = model.fit(ds, epochs=3, steps_per_epoch=4, verbose=0)
 evaluation = model.evaluate(ds, steps=2, return_dict=True, verbose=0)
