@@ -17,15 +17,16 @@ from tfpar import compat
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def launch_two_workers(tmp_path, *args, env=None, timeout=240):
+def launch_two_workers(tmp_path, *args, env=None, timeout=240, script="mw_keras_fit.py"):
     cmd = [sys.executable, "-m", "tfpar.launcher", "--workers", "2", "--timeout", str(timeout - 20), "--",
-           sys.executable, os.path.join(HERE, "mw_keras_fit.py"), str(tmp_path), *args]
+           sys.executable, os.path.join(HERE, script), str(tmp_path), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
     return proc.returncode, proc.stdout + proc.stderr
 
 
 def test_every_fix_names_its_upstream_issue_and_is_needed_by_this_keras():
-    assert compat.NAMES == ("symbolic_build_reduce", "scalar_log_reduce", "bn_moving_stats_mean")
+    assert compat.NAMES == ("symbolic_build_reduce", "scalar_log_reduce", "bn_moving_stats_mean",
+                            "loss_scale_finite_agreement")
     assert [f.upstream for f in compat.FIXES][:2] == ["keras-team/keras#20585", "tensorflow/tensorflow#72388"]
     assert all(f.present() for f in compat.FIXES)  # Keras 3.15 still has all of them
 
@@ -93,3 +94,23 @@ def test_without_the_bn_fix_workers_end_with_different_weights(tmp_path):
     assert code == 0, out[-3000:]
     sums = [json.loads((tmp_path / f"worker-{i}.json").read_text())["weights_sha256"] for i in range(2)]
     assert sums[0] != sums[1]  # each worker kept its own moving statistics
+
+
+@pytest.mark.slow
+def test_float16_overflow_on_one_worker_is_skipped_by_both(tmp_path):
+    code, out = launch_two_workers(tmp_path, script="mw_fp16_overflow.py", timeout=200)
+    assert code == 0, out[-3000:]
+    results = [json.loads((tmp_path / f"worker-{i}.json").read_text()) for i in range(2)]
+    assert results[0] == results[1]  # same skipped steps, scale and weights on both workers
+    # 4 steps; the two that held worker 1's scaled batch were skipped and halved the scale twice.
+    assert results[0]["applied_steps"] == 2 and results[0]["loss_scale"] == 2.0**15 / 4
+    assert results[0]["all_finite"]
+
+
+@pytest.mark.slow
+def test_without_the_loss_scale_fix_one_overflowing_worker_hangs_the_job(tmp_path):
+    # Bounded by the launcher's --timeout: exit 124 means the workers were stuck.
+    code, out = launch_two_workers(tmp_path, script="mw_fp16_overflow.py", timeout=80,
+                                   env={compat.DISABLE_ENV: "loss_scale_finite_agreement"})
+    assert code == 124, out[-3000:]
+    assert not (tmp_path / "worker-0.json").exists()

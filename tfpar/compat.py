@@ -176,6 +176,42 @@ def _install_bn_moving_stats():
     bn_cls.add_weight = add_weight
 
 
+# --- LossScaleOptimizer: workers disagree on "finite" and hang -----------------
+
+def _loss_scale_finite_present():
+    from keras.src.optimizers import loss_scale_optimizer
+
+    return "all_reduce" not in _source(loss_scale_optimizer.LossScaleOptimizer.check_finite)
+
+
+def _install_loss_scale_finite():
+    """Make every replica of a multi-worker run agree on whether the gradients are finite.
+
+    Keras checks its *local, not yet all-reduced* gradients (its own comment
+    assumes they were all-reduced) and branches on the result. When only one
+    worker overflows in float16, that worker skips the step while the others
+    enter the gradient all-reduce and wait for it forever. Summing a
+    "non-finite" flag across replicas first makes all of them take the same
+    branch: one scalar all-reduce per step.
+    """
+    import tensorflow as tf
+    from keras.src.optimizers import loss_scale_optimizer
+
+    cls = loss_scale_optimizer.LossScaleOptimizer
+    original = cls.check_finite
+
+    def check_finite(self, grads):
+        finite = original(self, grads)
+        context = tf.distribute.get_replica_context()
+        if context is None or not _is_multi_worker(context.strategy):
+            return finite
+        nonfinite = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
+        return nonfinite < 0.5
+
+    check_finite.__tfpar_original__ = original
+    cls.check_finite = check_finite
+
+
 FIXES = (
     Fix("symbolic_build_reduce", "keras-team/keras#20585",
         "build the model from a local replica's first batch in multi-worker fit/evaluate",
@@ -186,6 +222,9 @@ FIXES = (
     Fix("bn_moving_stats_mean", "no upstream issue yet (tf_keras averaged them)",
         "all-reduce BatchNormalization moving statistics so workers keep equal copies",
         _bn_moving_stats_present, _install_bn_moving_stats),
+    Fix("loss_scale_finite_agreement", "no upstream issue found (Keras assumes all-reduced gradients)",
+        "all workers agree on skipping a float16 step with non-finite gradients instead of hanging",
+        _loss_scale_finite_present, _install_loss_scale_finite),
 )
 NAMES = tuple(f.name for f in FIXES)
 

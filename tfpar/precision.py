@@ -41,37 +41,17 @@ def _gpu_compute_capability():
     return details.get("compute_capability")
 
 
-def float16_hangs_with(strategy):
-    """True where Keras 3's loss-scaled float16 fit is known to hang: multi-worker collectives.
-
-    Measured on TF 2.21 + Keras 3.15: two MultiWorkerMirroredStrategy workers
-    never finished ``fit`` under mixed_float16 (mixed_bfloat16 and float32 did).
-    Keras's LossScaleOptimizer runs the gradient all-reduce inside a ``cond``
-    on each worker's own finiteness check.
-    """
-    import keras as keras_module
-
-    return (keras_module.__version__.startswith("3.")
-            and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())
-
-
 def resolve(policy="auto", strategy=None):
     """The concrete policy name ``auto`` stands for on this machine."""
     if policy not in POLICIES:
         raise ValueError(f"Unknown precision {policy!r}; choose one of: {', '.join(POLICIES)}.")
     strategy = strategy or tf.distribute.get_strategy()
-    if policy == "mixed_float16" and float16_hangs_with(strategy):
-        raise ValueError("mixed_float16 hangs under multi-worker training with Keras 3 (LossScaleOptimizer); "
-                         "use mixed_bfloat16 or float32.")
     if policy != "auto":
         return policy
     if isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)):
         return "mixed_bfloat16"
     capability = _gpu_compute_capability()
     if capability is not None:
-        if float16_hangs_with(strategy):
-            return "mixed_bfloat16" if capability >= (8, 0) else "float32"
         return "mixed_float16" if capability >= (7, 0) else "float32"
     # On CPUs bf16 is only faster with native instructions reached through
     # oneDNN, and with tfpar's fused BatchNormalization (DESIGN.md items 8, 10).
