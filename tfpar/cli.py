@@ -38,6 +38,10 @@ _HELP = {
     "tensorboard": "Write TensorBoard event files under model_dir.",
     "seed": "Random seed for weights, shuffling and dropout.",
     "verbose": "Keras fit verbosity on the chief: 0, 1 or 2.",
+    "backup_dir": "Where backups for resuming go (default: MODEL_DIR/backup; shared storage in a cluster).",
+    "backup_freq": "Back up every epoch ('epoch'), every N steps ('N'), or never ('none').",
+    "keep_backups": "Keep the backups after a successful finish (default: delete them).",
+    "cluster_timeout": "Seconds a worker waits for the others to come up before it exits with code 69.",
 }
 
 

@@ -7,6 +7,7 @@ evaluate -> summary.json. Each step calls the module that owns it.
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 
 log = logging.getLogger("tfpar")
@@ -39,6 +40,11 @@ class TrainConfig:
     tensorboard: bool = True
     seed: int = 0
     verbose: int = 2
+    # fault tolerance (tfpar.backup / tfpar.preemption)
+    backup_dir: str = ""  # default: model_dir/backup
+    backup_freq: str = "epoch"  # "epoch", a number of steps, or "none"
+    keep_backups: bool = False
+    cluster_timeout: float = 300.0
 
     def validate(self):
         """Raise ``ValueError`` with one clear sentence for the first bad field."""
@@ -64,6 +70,12 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}.")
         if self.data != "digits":
             raise ValueError(f"Unknown data source {self.data!r}; accepted: digits.")
+        from tfpar import backup
+
+        if self.backup_freq not in ("none", "off"):
+            backup.parse_freq(self.backup_freq)
+        if not self.cluster_timeout > 0:
+            raise ValueError(f"cluster_timeout must be a positive number of seconds, got {self.cluster_timeout!r}.")
         if self.data == "digits" and self.num_classes != 10:
             raise ValueError(f"The digits data has 10 classes; num_classes={self.num_classes} does not match.")
         return self
@@ -79,6 +91,16 @@ def _optimizer(config):
     return keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay or 0.004)
 
 
+def _check_writable(model_dir):
+    """One sentence, before training, when model_dir cannot be written."""
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=model_dir, prefix=".tfpar-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"model_dir {model_dir} is not writable ({err.strerror or err}).") from None
+
+
 def run(config, print_fn=print):
     """Train as ``config`` says and return the summary (also written as JSON)."""
     config.validate()
@@ -88,10 +110,15 @@ def run(config, print_fn=print):
 
     import keras
 
-    from tfpar import callbacks, data, models, precision, strategies, summary
+    from tfpar import backup, callbacks, data, models, precision, preemption, strategies, summary
 
     started = time.time()
-    strategy = strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
+    # Fault tolerance: check model_dir and any backup before anything is written.
+    _check_writable(config.model_dir)
+    backup_cb = backup.for_run(config, info, print_fn=print_fn)
+    with preemption.deadline(config.cluster_timeout if info.num_workers > 1 else None, info.task_name):
+        strategy = strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
+        preemption.barrier(strategy)
     replicas = strategy.num_replicas_in_sync
     if config.batch_size % replicas:
         raise ValueError(
@@ -105,6 +132,8 @@ def run(config, print_fn=print):
     train_ds = data.from_arrays(x_train, y_train, config.batch_size, training=True, seed=config.seed)
     val_ds = data.from_arrays(x_val, y_val, config.batch_size, training=False, drop_remainder=False)
     steps = config.steps_per_epoch or len(x_train) // config.batch_size
+    if backup_cb is not None:
+        train_ds = backup_cb.skip_completed(train_ds)
 
     with strategy.scope():
         model = models.build(
@@ -122,6 +151,8 @@ def run(config, print_fn=print):
         print_fn=print_fn if chief else None,
     )
     cbs = [throughput, keras.callbacks.TerminateOnNaN()]
+    if backup_cb is not None:
+        cbs.insert(0, backup_cb)  # first: it sets the initial epoch before the others begin
     if config.tensorboard:
         cbs.append(keras.callbacks.TensorBoard(log_dir=model_dir))
     history = model.fit(
@@ -140,6 +171,7 @@ def run(config, print_fn=print):
         "num_workers": info.num_workers,
         "versions": summary.versions(),
         "epochs_done": len(history.history.get("loss", [])),
+        "resumed_from": backup_cb.resumed if backup_cb is not None else None,
         "steps_done": int(model.optimizer.iterations.numpy()),
         "train_loss": float(history.history["loss"][-1]),
         "train_accuracy": float(history.history["accuracy"][-1]),
