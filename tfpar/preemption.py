@@ -5,7 +5,7 @@ the process a grace period later. ``watch()`` notes the signal; the backup
 callback asks ``agreed(strategy)`` at every batch end and, when it says yes,
 saves a backup and exits with ``EXIT_PREEMPTED`` so a launcher restarts it.
 
-Agreement across workers is a per-step all-reduce (MAX) of a 0/1 flag: every
+Agreement across workers is a per-step all-reduce (SUM) of a 0/1 flag: every
 worker asks at the same step, so all of them see the same answer and save at
 the same step, as ``MultiWorkerMirroredStrategy`` checkpoints need. It is one
 scalar collective per step on top of the gradient all-reduce. TF's
@@ -45,13 +45,13 @@ def _is_multi_worker(strategy):
 
 
 def _any_worker_fn(strategy):
-    """A tf.function returning the MAX of a 0/1 flag over all workers."""
+    """A tf.function returning the SUM of a 0/1 flag over all replicas (> 0: some worker was signalled)."""
     import tensorflow as tf
 
     @tf.function
     def any_worker(flag):
         per_replica = strategy.run(lambda: tf.identity(flag))
-        return strategy.reduce(tf.distribute.ReduceOp.MAX, per_replica, axis=None)
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     return any_worker
 
@@ -101,7 +101,7 @@ class Watch:
 
         if self._any_worker is None:
             self._any_worker = _any_worker_fn(strategy)
-        return bool(self._any_worker(tf.constant(int(flag), tf.int32)).numpy())
+        return int(self._any_worker(tf.constant(int(flag), tf.int32)).numpy()) > 0
 
     def exit(self, what):
         """Leave training with ``EXIT_PREEMPTED`` (the grace timer stays armed in case exiting hangs)."""
