@@ -109,7 +109,7 @@ def test_sigkill_one_worker_mid_epoch_2_launcher_restarts_and_run_resumes(tmp_pa
     chief = _summary(model_dir)
     # Resumed from the mid-epoch-2 backup, not from scratch, and finished all 4 epochs.
     assert chief["resumed_from"]["step"] == 6 and chief["resumed_from"]["epoch"] == 1, chief["resumed_from"]
-    assert chief["steps_done"] == 16
+    assert chief["optimizer_updates"] == 16
     assert chief["epochs_done"] == 3  # epochs 2 (its last 2 steps), 3 and 4 in the restarted run
     workers = [_summary(model_dir, f"summary.worker-{i}.json") for i in range(2)]
     assert workers[0]["weights_sha256"] == workers[1]["weights_sha256"]
@@ -150,7 +150,7 @@ def test_sigterm_saves_a_backup_and_the_same_command_resumes_at_that_step(tmp_pa
     assert ref_code == 0, ref_out[-3000:]
     summary = _summary(model_dir)
     assert summary["resumed_from"]["step"] == saved
-    assert summary["steps_done"] == 12
+    assert summary["optimizer_updates"] == 12
     # The interruption changed nothing: same bits as the run that was never stopped.
     assert summary["weights_sha256"] == _summary(str(tmp_path / "ref"))["weights_sha256"]
 

@@ -385,6 +385,21 @@ def signature(config):
             "width_multiplier": config.width_multiplier, "optimizer": config.optimizer}
 
 
+def check_model_dir(model_dir, this_signature):
+    """Refuse a model_dir whose summary.json is another model's: its weights and summaries would be overwritten."""
+    try:
+        with open(os.path.join(model_dir, "summary.json")) as f:
+            previous = json.load(f).get("config", {})
+    except (OSError, ValueError, AttributeError):
+        return
+    differing = sorted(k for k, v in this_signature.items() if k in previous and previous[k] != v)
+    if differing:
+        theirs = ", ".join(f"{k}={previous[k]!r}" for k in differing)
+        ours = ", ".join(f"{k}={this_signature[k]!r}" for k in differing)
+        raise ValueError(f"model_dir {model_dir} holds a run of another model ({theirs}, this run has {ours}); "
+                         f"use a new model_dir.")
+
+
 def for_run(config, cluster, print_fn=print):
     """The ``BackupAndRestore`` a ``TrainConfig`` asks for, or None when backups are off.
 

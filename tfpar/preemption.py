@@ -137,37 +137,51 @@ def watch(grace_period=DEFAULT_GRACE_SEC, print_fn=print):
     return Watch(grace_period, print_fn or (lambda *a, **k: None))
 
 
-@contextlib.contextmanager
-def deadline(seconds, task_name, what="reach the other workers"):
-    """Exit with ``EXIT_UNREACHABLE`` and one clear line if the block outlasts ``seconds``.
+class Unreachable(SystemExit):
+    """Raised when the other workers did not register in time; exits with ``EXIT_UNREACHABLE``."""
 
-    A worker whose peers never come up would otherwise wait in TF's start-up
-    for an hour; this is a thread, so it fires even while the main thread
-    is blocked inside TensorFlow.
+    def __init__(self):
+        super().__init__(EXIT_UNREACHABLE)
+
+
+def _configure_register_timeout(cluster, seconds):
+    """Give TF's coordination service a registration deadline before the strategy starts it.
+
+    Without one a worker waits for absent peers for an hour, holding the GIL
+    (so no Python watchdog thread can run). MultiWorkerMirroredStrategy keeps
+    a coordination service that is already configured; this is its own set-up
+    plus ``cluster_register_timeout_in_ms``.
     """
-    if not seconds:
-        yield
-        return
-
-    def fire():
-        sys.stderr.write(f"tfpar-train: error: {task_name} could not {what} within {seconds:g} s; check that "
-                         f"every task is started and that the TF_CONFIG addresses are reachable.\n")
-        sys.stderr.flush()
-        os._exit(EXIT_UNREACHABLE)
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-
-
-def barrier(strategy):
-    """Return once every worker of ``strategy`` is reachable (one tiny all-reduce)."""
-    if strategy is None or not _is_multi_worker(strategy):
-        return
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
     import tensorflow as tf
 
-    _any_worker_fn(strategy)(tf.constant(0, tf.int32))
+    if context.context().coordination_service is not None or cluster.task_type not in ("chief", "worker"):
+        return
+    spec = tf.train.ClusterSpec(cluster.cluster_spec)
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+            for job in ("chief", "worker") if job in spec.jobs]
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
+        coordinated_jobs=jobs, cluster_register_timeout_in_ms=int(seconds * 1000))
+
+
+@contextlib.contextmanager
+def peers_within(seconds, cluster):
+    """Inside: start a multi-worker strategy. If the peers do not all register within
+    ``seconds``, print one line and exit with ``EXIT_UNREACHABLE`` instead of hanging."""
+    import tensorflow as tf
+
+    if cluster.num_workers < 2 or not cluster.cluster_spec or not seconds:
+        yield
+        return
+    _configure_register_timeout(cluster, seconds)
+    try:
+        yield
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError):
+        sys.stderr.write(f"tfpar-train: error: {cluster.task_name} could not reach the other workers within "
+                         f"{seconds:g} s; check that every task is started and that the TF_CONFIG addresses "
+                         f"are reachable.\n")
+        sys.stderr.flush()
+        raise Unreachable() from None
