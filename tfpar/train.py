@@ -312,6 +312,9 @@ def fit_loop(config, info, print_fn=print):
         final = (model.evaluate(pipes.val, steps=pipes.validation_steps, return_dict=True, verbose=0)
                  if pipes.val is not None else {})
     except tf.errors.InvalidArgumentError as err:
+        if "outside the valid range" in str(err):  # a label >= num_classes (or < 0) reached the loss
+            raise ValueError(f"A label in {config.data!r} is outside [0, {config.num_classes}); "
+                             f"check the data or --num_classes.") from None
         if "decode" in str(err).lower() or "image" in str(err).lower():
             first_line = str(err.message).strip().splitlines()[0]
             raise ValueError(f"An image in {config.data!r} could not be decoded ({first_line}).") from None
