@@ -82,6 +82,7 @@ def _corrupt_folder(p):
     (["--epochs=abc"], None, "flag --epochs=abc"),
     (["--no_such_flag=1"], None, "Unknown command line flag 'no_such_flag'"),
     (["positional"], None, "Unexpected argument"),
+    (["--flagfile={p}/none.flags"], None, "Unable to open flagfile"),
     (["--strategy=dtensor", "--mesh=2x2"], None, "mesh must look like"),
 ])
 def test_mistakes_exit_2_with_one_sentence(tmp_path, capsys, args, setup, message):

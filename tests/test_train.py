@@ -118,6 +118,6 @@ def test_fit_with_accumulation_smoothing_and_steps_per_execution(tmp_path, monke
     assert (result["epochs_done"], result["steps_done"], result["optimizer_updates"]) == (2, 6, 3)
     assert result["replicas"] == 1 and result["global_batch_size"] == 16 and result["jit_compile"] is False
     assert np.isfinite(result["train_loss"]) and 0 <= result["val_accuracy"] <= 1
-    assert result["examples_per_sec"] > 0 and len(result["weights_sha256"]) == 64
+    assert result["examples_per_sec"] > 0 and len(result["weights_sha256"]) == 64 and len(result["throughput"]) == 2
     assert sum(line.startswith("epoch ") for line in lines) == 2
     assert (tmp_path / "best.weights.h5").exists()
