@@ -15,8 +15,6 @@ import pytest
 
 from tfpar import launcher, preemption
 
-pytestmark = pytest.mark.slow
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = [sys.executable, os.path.join(ROOT, "scripts", "train.py")]
 LAUNCH = [sys.executable, "-m", "tfpar.launcher"]
@@ -90,6 +88,7 @@ def _summary(model_dir, name="summary.json"):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_sigkill_one_worker_mid_epoch_2_launcher_restarts_and_run_resumes(tmp_path):
     model_dir = str(tmp_path / "run")
     mid_epoch_2 = os.path.join(model_dir, "backup", "step-000000006")  # backups every 2 steps; 4 per epoch
@@ -117,6 +116,7 @@ def test_sigkill_one_worker_mid_epoch_2_launcher_restarts_and_run_resumes(tmp_pa
     assert not os.path.exists(os.path.join(model_dir, "backup"))  # removed after the successful finish
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_backup_and_the_same_command_resumes_at_that_step(tmp_path):
     model_dir = str(tmp_path / "run")
     command = TRAIN + ["--strategy=one_device", *TINY, "--epochs=3", f"--model_dir={model_dir}"]
@@ -155,6 +155,7 @@ def test_sigterm_saves_a_backup_and_the_same_command_resumes_at_that_step(tmp_pa
     assert summary["weights_sha256"] == _summary(str(tmp_path / "ref"))["weights_sha256"]
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_reach_the_others_exits_with_a_clear_error(tmp_path):
     ports = launcher.free_ports(2)  # worker-0 is never started
     tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": 1}}
@@ -169,3 +170,34 @@ def test_a_worker_that_cannot_reach_the_others_exits_with_a_clear_error(tmp_path
             "is started and that the TF_CONFIG addresses are reachable.") in out
     assert "Traceback" not in out
     assert time.monotonic() - started < 170
+
+
+_FLAKY_WORKER = """
+import json, os, sys, time
+task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+with open(sys.argv[1], "a") as f:
+    f.write(f"{task} {os.environ['TF_CONFIG']}\\n")
+if task == 1:
+    sys.exit(int(sys.argv[2]))
+time.sleep(1)
+"""
+
+
+@pytest.mark.parametrize("exit_code,restarts,expected_code,expected_starts", [
+    (75, 2, 75, 3),  # preempted every time: restarted twice, then the launcher gives up with 75
+    (137, 1, 137, 2),
+    (2, 3, 2, 1),  # a usage error is never restarted
+])
+def test_launcher_restarts_the_whole_cluster_up_to_k_times(tmp_path, exit_code, restarts, expected_code,
+                                                           expected_starts):
+    log = tmp_path / "starts"
+    proc = _start(LAUNCH + ["--workers", "2", "--restarts", str(restarts), "--timeout", "120", "--",
+                            sys.executable, "-c", _FLAKY_WORKER, str(log), str(exit_code)])
+    code, out = _finish(proc, 150)
+    assert code == expected_code, out
+    starts = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    assert sum(1 for task, _ in starts if task == "1") == expected_starts
+    assert out.count("restarting all tasks") == expected_starts - 1
+    # Each restart is a new cluster on fresh ports, and both tasks share it.
+    clusters = {json.dumps(json.loads(tf_config)["cluster"]) for _, tf_config in starts}
+    assert len(clusters) == expected_starts
