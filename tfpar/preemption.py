@@ -14,9 +14,12 @@ through the coordination service, but it drives its own checkpoint and
 counts its own steps, which does not fit Keras ``fit`` callbacks and
 tfpar's atomic backup layout.
 
-The signal is noticed by a thread reading ``signal.set_wakeup_fd``: the C
-handler writes to it even while the main thread is blocked inside a
-collective whose peer died, so the grace-period timer always starts.
+The signal is noticed by a thread reading ``signal.set_wakeup_fd``, which
+starts the grace-period timer without waiting for the main thread. A main
+thread blocked inside TensorFlow *while holding the GIL* (as MWMS start-up
+does) stops that thread too; the orchestrator's SIGKILL ends such a process,
+and ``peers_within`` bounds the start-up case through TF's own registration
+deadline.
 """
 
 import contextlib
