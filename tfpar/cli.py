@@ -62,6 +62,10 @@ _HELP = {
     "layout_rules": "DTensor layout rules file for --strategy=dtensor.",
     "seed": "Random seed for weights, shuffling and augmentation.",
     "verbose": "Keras fit verbosity on the chief: 0, 1 or 2.",
+    "backup_dir": "Where backups for resuming go (default: MODEL_DIR/backup; shared storage in a cluster).",
+    "backup_freq": "Back up every epoch ('epoch'), every N steps ('N'), or never ('none').",
+    "keep_backups": "Keep the backups after a successful finish (default: delete them).",
+    "cluster_timeout": "Seconds a worker waits for the others to come up before it exits with code 69.",
 }
 
 

@@ -250,14 +250,14 @@ def _inspect_cifar(kind, path):
             missing = [n for n in train_names + val_names if n not in members]
             if missing:
                 raise ValueError(f"Archive {path!r} lacks the {kind} file(s) {', '.join(missing)}.")
-            train, val = [_cifar_batch(read(n), label_key, n) for n in train_names], [
-                _cifar_batch(read(n), label_key, n) for n in val_names]
+            train, val = [_cifar_batch(read(n), label_key, n, classes) for n in train_names], [
+                _cifar_batch(read(n), label_key, n, classes) for n in val_names]
     else:
         folder = os.path.join(path, subdir) if os.path.isdir(os.path.join(path, subdir)) else path
         missing = [n for n in train_names + val_names if not os.path.isfile(os.path.join(folder, n))]
         if missing:
             raise ValueError(f"Folder {folder!r} lacks the {kind} file(s) {', '.join(missing)}.")
-        load = lambda n: _cifar_batch(open(os.path.join(folder, n), "rb").read(), label_key, n)  # noqa: E731
+        load = lambda n: _cifar_batch(open(os.path.join(folder, n), "rb").read(), label_key, n, classes)  # noqa: E731
         train, val = [load(n) for n in train_names], [load(n) for n in val_names]
     (x_train, y_train), (x_val, y_val) = [
         (np.concatenate([x for x, _ in part]), np.concatenate([y for _, y in part])) for part in (train, val)]
@@ -265,13 +265,21 @@ def _inspect_cifar(kind, path):
                   num_train=len(x_train), num_val=len(x_val))
 
 
-def _cifar_batch(raw, label_key, name):
+def _cifar_batch(raw, label_key, name, classes=None):
     try:
         batch = pickle.loads(raw, encoding="bytes")
-        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int32)
-    except Exception as err:  # any unpickling or shape problem is the same user-facing mistake
+    except Exception as err:  # any unpickling problem is the same user-facing mistake
         raise ValueError(f"CIFAR file {name!r} is not a valid python-pickle batch ({type(err).__name__}).") from None
+    # Checked here, not left to a TF error mid-fit (tfpar.backup's issue 6: bad input is one sentence).
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"CIFAR file {name!r} holds images of shape {data.shape}; expected rows of 3072 values "
+                         f"(32x32 pixels x 3 channels).")
+    data = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if classes is not None and len(labels) and not (0 <= labels.min() and labels.max() < classes):
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise ValueError(f"CIFAR file {name!r} has label {bad}, outside [0, {classes}).")
     if len(data) != len(labels):
         raise ValueError(f"CIFAR file {name!r} has {len(data)} images but {len(labels)} labels.")
     return data, labels

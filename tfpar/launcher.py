@@ -4,10 +4,12 @@ Each task is one process with its own ``TF_CONFIG``; their output is streamed
 with a ``[worker-0]`` prefix. When a task fails (or on Ctrl-C / SIGTERM) every
 process group is stopped and the launcher exits with the first failure's code.
 
-Structure, so that a restart policy (``--restarts K``) can slot in later:
-``plan()`` builds the tasks, ``Supervisor`` starts them and watches them, and
-on each failure asks its ``restart_policy`` whether to start the task again;
-the only policy today is ``never_restart``.
+Structure: ``plan()`` builds the tasks, ``Supervisor`` starts them and
+watches them, and on each failure asks its ``restart_policy`` whether to
+start the task again. ``--restarts K`` (``restart_up_to(K)``) restarts the
+*whole cluster* (MultiWorkerMirroredStrategy cannot take back one worker:
+its peers are stuck in collectives with the dead one), on fresh ports, up to
+K times; training resumes from its backup (``tfpar.backup``).
 """
 
 import argparse
@@ -39,6 +41,9 @@ Topologies (every process gets TF_CONFIG with the whole cluster and its own task
 The run succeeds when every COMMAND task exits 0; servers are then stopped.
 If any task fails, or on Ctrl-C/SIGTERM, all process groups are stopped and
 the exit code is the first failure's (128+N for a signal, 124 for --timeout).
+With --restarts K, a failure (any exit code but 2, a user error) instead
+stops every task and starts the whole cluster again, up to K times; exit
+code 75 is tfpar-train's "preempted, backup saved".
 """
 
 
@@ -119,8 +124,25 @@ def tf_config(tasks, task):
 # --- restart policies: (task, exit_code, restarts_so_far) -> bool -----------
 
 def never_restart(task, exit_code, restarts):
-    """Today's policy: a failed task ends the run. ``--restarts K`` will add another."""
+    """The default policy: a failed task ends the run."""
     return False
+
+
+EXIT_USAGE = 2  # tfpar-train's "you asked for something wrong": restarting cannot help
+
+
+def restart_up_to(limit):
+    """``--restarts K``: restart after any failure but a usage error, at most ``limit`` times in all."""
+    def policy(task, exit_code, restarts):
+        return exit_code != EXIT_USAGE and restarts < limit
+
+    return policy
+
+
+def with_fresh_ports(tasks, host=HOST):
+    """The same tasks on newly free ports (a restarted cluster must not meet its old sockets)."""
+    ports = free_ports(len(tasks), host)
+    return [dataclasses.replace(t, address=f"{host}:{port}") for t, port in zip(tasks, ports)]
 
 
 def exit_code_of(returncode):
@@ -131,14 +153,15 @@ def exit_code_of(returncode):
 class Supervisor:
     """Starts the tasks, streams their output, and stops them all on the first failure."""
 
-    def __init__(self, tasks, env=None, timeout=None, restart_policy=never_restart, out=None):
+    def __init__(self, tasks, env=None, timeout=None, restart_policy=never_restart, out=None, fresh_ports=True):
         self.tasks = tasks
         self.env = dict(os.environ if env is None else env)
         self.timeout = timeout
         self.restart_policy = restart_policy
         self.out = out or sys.stdout
         self.procs = {}  # task name -> Popen
-        self.restarts = {t.name: 0 for t in tasks}
+        self.restarts = 0  # whole-cluster restarts so far
+        self.fresh_ports = fresh_ports
         self._lock = threading.Lock()
         self._readers = []
 
@@ -195,6 +218,15 @@ class Supervisor:
         finally:
             self.stop_all()
 
+    def _restart_all(self):
+        """Stop every task, then start the whole cluster again (on fresh ports unless --port-base)."""
+        self.stop_all()
+        self.procs.clear()
+        if self.fresh_ports:
+            self.tasks = with_fresh_ports(self.tasks)
+        for task in self.tasks:
+            self.start(task)
+
     def _watch(self):
         deadline = time.monotonic() + self.timeout if self.timeout else None
         pending = {t.name for t in self.tasks if not t.is_server}
@@ -213,11 +245,13 @@ class Supervisor:
                     del self.procs[name]
                     continue
                 code = exit_code_of(returncode) or 1  # a server that exits, even with 0, is a failure
-                if self.restart_policy(task, code, self.restarts[name]):
-                    self.restarts[name] += 1
-                    self._print(f"[launcher] {name} exited with {code}; restart {self.restarts[name]}\n")
-                    self.start(task)
-                    continue
+                if self.restart_policy(task, code, self.restarts):
+                    self.restarts += 1
+                    self._print(f"[launcher] {name} exited with {code}; restarting all tasks (restart {self.restarts})\n")
+                    self._restart_all()
+                    pending = {t.name for t in self.tasks if not t.is_server}
+                    by_name = {t.name: t for t in self.tasks}
+                    break
                 self._print(f"[launcher] {name} failed with exit code {code}; stopping all tasks\n")
                 return code
             time.sleep(0.1)
@@ -239,12 +273,14 @@ def serve():
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="tfpar-launch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s --workers N [--ps M] [--port-base P] [--timeout S] -- COMMAND...")
+                                     usage="%(prog)s --workers N [--ps M] [--port-base P] [--timeout S] [--restarts K] -- COMMAND...")
     parser.add_argument("--workers", type=int, default=2, help="worker tasks (default 2)")
     parser.add_argument("--ps", type=int, default=0, help="parameter-server tasks; adds a chief that runs COMMAND")
     parser.add_argument("--port-base", type=int, default=None,
                         help="use consecutive ports from P (chief, workers, ps); default: free ports")
     parser.add_argument("--timeout", type=float, default=None, help="stop everything after S seconds (exit 124)")
+    parser.add_argument("--restarts", type=int, default=0,
+                        help="restart the whole cluster after a task fails, up to K times (default 0)")
     parser.add_argument("--servers", default="builtin", choices=("builtin", "command"),
                         help="with --ps: what worker and ps tasks run (default: a built-in tf.distribute.Server)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -254,6 +290,8 @@ def parse_args(argv):
         args.command = args.command[1:]
     if args.timeout is not None and args.timeout <= 0:
         parser.error(f"--timeout must be positive, got {args.timeout:g}")
+    if args.restarts < 0:
+        parser.error(f"--restarts must be 0 or more, got {args.restarts}")
     return parser, args
 
 
@@ -266,7 +304,9 @@ def main(argv=None):
         tasks = plan(args.command, args.workers, args.ps, args.port_base, args.servers)
     except ValueError as err:
         parser.error(str(err))
-    supervisor = Supervisor(tasks, timeout=args.timeout)
+    policy = restart_up_to(args.restarts) if args.restarts else never_restart
+    supervisor = Supervisor(tasks, timeout=args.timeout, restart_policy=policy,
+                            fresh_ports=args.port_base is None)
 
     def on_signal(signum, frame):
         for sig in (signal.SIGINT, signal.SIGTERM):  # one stop is enough; stop_all escalates itself

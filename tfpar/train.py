@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import re
+import tempfile
 import time
 
 log = logging.getLogger("tfpar")
@@ -77,6 +78,11 @@ class TrainConfig:
     layout_rules: str | None = None  # dtensor only: a file of layout rules
     seed: int = 0
     verbose: int = 2
+    # fault tolerance (tfpar.backup, tfpar.preemption)
+    backup_dir: str = ""  # default: model_dir/backup
+    backup_freq: str = "epoch"  # "epoch", a number of steps, or "none"
+    keep_backups: bool = False
+    cluster_timeout: float = 300.0
 
     def validate(self):
         """Raise ``ValueError`` with one clear sentence for the first bad field."""
@@ -126,9 +132,18 @@ class TrainConfig:
             raise ValueError(f"verbose must be 0, 1 or 2, got {self.verbose!r}.")
         self.profile_range()
         data.parse(self.data)
+        self._validate_fault_tolerance()
         if self.strategy == "dtensor":
             self._validate_dtensor()
         return self
+
+    def _validate_fault_tolerance(self):
+        from tfpar import backup
+
+        if self.backup_freq not in ("none", "off"):
+            backup.parse_freq(self.backup_freq)
+        if not self.cluster_timeout > 0:
+            raise ValueError(f"cluster_timeout must be a positive number of seconds, got {self.cluster_timeout!r}.")
 
     def _validate_dtensor(self):
         if self.mesh is not None and not re.fullmatch(r"[A-Za-z_]\w*=[1-9]\d*(,[A-Za-z_]\w*=[1-9]\d*)*", self.mesh):
@@ -259,9 +274,13 @@ def fit_loop(config, info, print_fn=print):
     import keras
     import tensorflow as tf
 
-    from tfpar import callbacks, precision, strategies, summary
+    from tfpar import backup, callbacks, precision, preemption, strategies, summary
 
-    strategy = strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
+    # Fault tolerance: refuse a foreign or damaged backup before anything is written,
+    # and never wait forever for peers that do not come up.
+    backup_cb = backup.for_run(config, info, print_fn=print_fn)
+    with preemption.peers_within(config.cluster_timeout, info):
+        strategy = strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
     replicas = strategy.num_replicas_in_sync
     global_batch = config.global_batch_size(replicas)
     policy = precision.apply(config.precision, strategy)
@@ -280,12 +299,16 @@ def fit_loop(config, info, print_fn=print):
     model_dir = config.model_dir if chief else os.path.join(config.model_dir, "workers", info.task_name)
     cbs, throughput = callbacks.for_run(config, model_dir, chief, global_batch, pipes.val is not None,
                                         print_fn=print_fn, task_name=info.task_name)
+    train_ds = pipes.train
+    if backup_cb is not None:
+        cbs.insert(0, backup_cb)  # first: it sets the initial epoch before the others begin
+        train_ds = backup_cb.skip_completed(train_ds)
     if print_fn and (chief or config.log_all_workers):
         print_fn(f"{type(strategy).__name__}: {replicas} replica(s), global batch {global_batch}, "
                  f"precision {policy}, peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
     try:
         history = model.fit(
-            pipes.train, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
+            train_ds, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
             validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
             callbacks=cbs, verbose=config.verbose if (chief or config.log_all_workers) else 0,
             shuffle=False,  # the dataset shuffles itself
@@ -293,6 +316,9 @@ def fit_loop(config, info, print_fn=print):
         final = (model.evaluate(pipes.val, steps=pipes.validation_steps, return_dict=True, verbose=0)
                  if pipes.val is not None else {})
     except tf.errors.InvalidArgumentError as err:
+        if "outside the valid range" in str(err):  # a label >= num_classes (or < 0) reached the loss
+            raise ValueError(f"A label in {config.data!r} is outside [0, {config.num_classes}); "
+                             f"check the data or --num_classes.") from None
         if "decode" in str(err).lower() or "image" in str(err).lower():
             first_line = str(err.message).strip().splitlines()[0]
             raise ValueError(f"An image in {config.data!r} could not be decoded ({first_line}).") from None
@@ -307,6 +333,7 @@ def fit_loop(config, info, print_fn=print):
         "learning_rate_peak": peak,
         "jit_compile": jit,
         "epochs_done": len(hist.get("loss", [])),
+        "resumed_from": backup_cb.resumed if backup_cb is not None else None,
         "steps_done": sum(epoch["steps"] for epoch in throughput.epochs),
         "optimizer_updates": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         "train_loss": last("loss"),
@@ -332,6 +359,19 @@ def training_loop(strategy_name):
     return getattr(importlib.import_module(module), name)
 
 
+def _check_model_dir(config):
+    """One sentence, before anything is written, when model_dir is not writable or is another model's."""
+    from tfpar import backup
+
+    try:
+        os.makedirs(config.model_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=config.model_dir, prefix=".tfpar-probe-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"model_dir {config.model_dir} is not writable ({err.strerror or err}).") from None
+    backup.check_model_dir(config.model_dir, backup.signature(config))
+
+
 def run(config, print_fn=print):
     """Train as ``config`` says and return the summary (also written as JSON).
 
@@ -342,6 +382,7 @@ def run(config, print_fn=print):
     from tfpar import cluster as cluster_lib
 
     info = cluster_lib.detect()  # fail on a bad TF_CONFIG before TF starts
+    _check_model_dir(config)
     started = time.time()
     result = training_loop(config.strategy)(config, info, print_fn)
 

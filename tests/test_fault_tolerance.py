@@ -1,0 +1,203 @@
+"""Kill-and-resume with real processes: SIGKILL under the launcher, SIGTERM, unreachable peers.
+
+Every process runs in its own session and is killed with its group in a
+``finally``; every wait is bounded.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tfpar import launcher, preemption
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = [sys.executable, os.path.join(ROOT, "scripts", "train.py")]
+LAUNCH = [sys.executable, "-m", "tfpar.launcher"]
+TINY = ["--model=resnet18", "--width_multiplier=0.125", "--batch_size=32", "--steps_per_epoch=4",
+        "--validation_steps=1", "--tensorboard=false", "--verbose=0"]
+
+
+def _env():
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+
+
+def _start(argv, **kwargs):
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=_env(), **kwargs)
+
+
+def _reap(proc):
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _finish(proc, timeout):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        _reap(proc)
+    return proc.returncode, out
+
+
+def _wait_for(predicate, timeout, proc=None, poll=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    return False
+
+
+def _children_with_task(parent_pid, index):
+    """PIDs of ``parent_pid``'s children whose TF_CONFIG task index is ``index``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != parent_pid:
+                continue
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        raw = env.get(b"TF_CONFIG")
+        if raw and json.loads(raw)["task"]["index"] == index:
+            found.append(int(name))
+    return found
+
+
+def _summary(model_dir, name="summary.json"):
+    with open(os.path.join(model_dir, name)) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_sigkill_one_worker_mid_epoch_2_launcher_restarts_and_run_resumes(tmp_path):
+    model_dir = str(tmp_path / "run")
+    mid_epoch_2 = os.path.join(model_dir, "backup", "step-000000006")  # backups every 2 steps; 4 per epoch
+    launcher = _start(LAUNCH + ["--workers", "2", "--restarts", "1", "--timeout", "420", "--",
+                                *TRAIN, "--strategy=multi_worker", *TINY, "--epochs=4", "--backup_freq=2",
+                                f"--model_dir={model_dir}", "--cluster_timeout=120"])
+    try:
+        assert _wait_for(lambda: os.path.isdir(mid_epoch_2), 300, launcher), "no backup at step 6 in time"
+        victims = _children_with_task(launcher.pid, 1)
+        assert len(victims) == 1
+        os.kill(victims[0], signal.SIGKILL)
+        code, out = _finish(launcher, 420)
+    finally:
+        _reap(launcher)
+    assert code == 0, out[-3000:]
+    assert "worker-1 exited with 137; restarting all tasks (restart 1)" in out
+    chief = _summary(model_dir)
+    # Resumed from the mid-epoch-2 backup, not from scratch, and finished all 4 epochs.
+    assert chief["resumed_from"]["step"] == 6 and chief["resumed_from"]["epoch"] == 1, chief["resumed_from"]
+    assert chief["optimizer_updates"] == 16
+    assert chief["epochs_done"] == 3  # epochs 2 (its last 2 steps), 3 and 4 in the restarted run
+    workers = [_summary(model_dir, f"summary.worker-{i}.json") for i in range(2)]
+    assert workers[0]["weights_sha256"] == workers[1]["weights_sha256"]
+    assert all(w["resumed_from"]["step"] == 6 for w in workers)
+    assert not os.path.exists(os.path.join(model_dir, "backup"))  # removed after the successful finish
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_backup_and_the_same_command_resumes_at_that_step(tmp_path):
+    model_dir = str(tmp_path / "run")
+    command = TRAIN + ["--strategy=one_device", *TINY, "--epochs=3", f"--model_dir={model_dir}"]
+    reference = _start(TRAIN + ["--strategy=one_device", *TINY, "--epochs=3", f"--model_dir={tmp_path / 'ref'}"])
+    first = _start(command)
+    try:
+        lines = []
+
+        def epoch_1_done():
+            line = first.stdout.readline()
+            lines.append(line)
+            return line.startswith("epoch 1:")
+
+        assert _wait_for(epoch_1_done, 240, first, poll=0), "".join(lines)
+        first.send_signal(signal.SIGTERM)
+        code, out = _finish(first, 120)
+        out = "".join(lines) + out
+        assert code == preemption.EXIT_PREEMPTED, out[-3000:]
+        assert "preempted (SIGTERM): backup saved at step" in out
+        saved = int(out.split("backup saved at step ")[1].split(";")[0])
+        assert 4 <= saved < 12
+        assert sorted(os.listdir(os.path.join(model_dir, "backup")))[-1] == f"step-{saved:09d}"
+        assert "Traceback" not in out
+
+        code, out = _finish(_start(command), 240)
+        ref_code, ref_out = _finish(reference, 240)
+    finally:
+        _reap(first)
+        _reap(reference)
+    assert code == 0, out[-3000:]
+    assert ref_code == 0, ref_out[-3000:]
+    summary = _summary(model_dir)
+    assert summary["resumed_from"]["step"] == saved
+    assert summary["optimizer_updates"] == 12
+    # The interruption changed nothing: same bits as the run that was never stopped.
+    assert summary["weights_sha256"] == _summary(str(tmp_path / "ref"))["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_reach_the_others_exits_with_a_clear_error(tmp_path):
+    ports = launcher.free_ports(2)  # worker-0 is never started
+    tf_config = {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": 1}}
+    proc = subprocess.Popen(TRAIN + ["--strategy=multi_worker", *TINY, "--cluster_timeout=10",
+                                     f"--model_dir={tmp_path / 'run'}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(_env(), TF_CONFIG=json.dumps(tf_config)))
+    started = time.monotonic()
+    code, out = _finish(proc, 180)
+    assert code == preemption.EXIT_UNREACHABLE, out[-3000:]
+    assert ("tfpar-train: error: worker-1 could not reach the other workers within 10 s; check that every task "
+            "is started and that the TF_CONFIG addresses are reachable.") in out
+    assert "Traceback" not in out
+    assert time.monotonic() - started < 170
+
+
+_FLAKY_WORKER = """
+import json, os, sys, time
+task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+with open(sys.argv[1], "a") as f:
+    f.write(f"{task} {os.environ['TF_CONFIG']}\\n")
+if task == 1:
+    sys.exit(int(sys.argv[2]))
+time.sleep(1)
+"""
+
+
+@pytest.mark.parametrize("exit_code,restarts,expected_code,expected_starts", [
+    (75, 2, 75, 3),  # preempted every time: restarted twice, then the launcher gives up with 75
+    (137, 1, 137, 2),
+    (2, 3, 2, 1),  # a usage error is never restarted
+])
+def test_launcher_restarts_the_whole_cluster_up_to_k_times(tmp_path, exit_code, restarts, expected_code,
+                                                           expected_starts):
+    log = tmp_path / "starts"
+    proc = _start(LAUNCH + ["--workers", "2", "--restarts", str(restarts), "--timeout", "120", "--",
+                            sys.executable, "-c", _FLAKY_WORKER, str(log), str(exit_code)])
+    code, out = _finish(proc, 150)
+    assert code == expected_code, out
+    starts = [line.split(" ", 1) for line in log.read_text().splitlines()]
+    assert sum(1 for task, _ in starts if task == "1") == expected_starts
+    assert out.count("restarting all tasks") == expected_starts - 1
+    # Each restart is a new cluster on fresh ports, and both tasks share it.
+    clusters = {json.dumps(json.loads(tf_config)["cluster"]) for _, tf_config in starts}
+    assert len(clusters) == expected_starts

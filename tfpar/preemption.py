@@ -1,0 +1,190 @@
+"""Preemption and unreachable peers: exit codes, SIGTERM handling, start-up deadline.
+
+Kubernetes, Slurm and Cloud TPU announce a preemption with SIGTERM and kill
+the process a grace period later. ``watch()`` notes the signal; the backup
+callback asks ``agreed(strategy)`` at every batch end and, when it says yes,
+saves a backup and exits with ``EXIT_PREEMPTED`` so a launcher restarts it.
+
+Agreement across workers is a per-step all-reduce (SUM) of a 0/1 flag: every
+worker asks at the same step, so all of them see the same answer and save at
+the same step, as ``MultiWorkerMirroredStrategy`` checkpoints need. It is one
+scalar collective per step on top of the gradient all-reduce. TF's
+``tf.distribute.experimental.PreemptionCheckpointHandler`` does the same job
+through the coordination service, but it drives its own checkpoint and
+counts its own steps, which does not fit Keras ``fit`` callbacks and
+tfpar's atomic backup layout.
+
+The signal is noticed by a thread reading ``signal.set_wakeup_fd``, which
+starts the grace-period timer without waiting for the main thread. A main
+thread blocked inside TensorFlow *while holding the GIL* (as MWMS start-up
+does) stops that thread too; the orchestrator's SIGKILL ends such a process,
+and ``peers_within`` bounds the start-up case through TF's own registration
+deadline.
+"""
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+
+EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: a backup is saved; restart me
+EXIT_UNREACHABLE = 69  # sysexits EX_UNAVAILABLE: the other workers could not be reached
+DEFAULT_GRACE_SEC = 25.0  # Kubernetes waits 30 s between SIGTERM and SIGKILL by default
+
+
+class Preempted(SystemExit):
+    """Raised after a preemption backup; exits the process with ``EXIT_PREEMPTED``."""
+
+    def __init__(self):
+        super().__init__(EXIT_PREEMPTED)
+
+
+def _is_multi_worker(strategy):
+    import tensorflow as tf
+
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+def _any_worker_fn(strategy):
+    """A tf.function returning the SUM of a 0/1 flag over all replicas (> 0: some worker was signalled)."""
+    import tensorflow as tf
+
+    @tf.function
+    def any_worker(flag):
+        per_replica = strategy.run(lambda: tf.identity(flag))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return any_worker
+
+
+class Watch:
+    """SIGTERM seen? Agreed by all workers? Started by ``watch()``, ended by ``close()``."""
+
+    def __init__(self, grace_period, print_fn):
+        self.grace_period = grace_period
+        self.print_fn = print_fn
+        self.requested = threading.Event()
+        self._timer = None
+        self._any_worker = None
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self._old_handler = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        self._old_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._listen, name="tfpar-sigterm", daemon=True)
+        self._thread.start()
+
+    def _listen(self):
+        while True:
+            try:
+                data = os.read(self._read_fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGTERM in data and not self.requested.is_set():
+                self.requested.set()
+                self._timer = threading.Timer(self.grace_period, self._out_of_time)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _out_of_time(self):
+        sys.stderr.write(f"tfpar: SIGTERM and no training step finished within {self.grace_period:g} s; "
+                         f"exiting with {EXIT_PREEMPTED} without a new backup\n")
+        sys.stderr.flush()
+        os._exit(EXIT_PREEMPTED)
+
+    def agreed(self, strategy):
+        """True on every worker once any worker got SIGTERM (same answer, same step)."""
+        flag = self.requested.is_set()
+        if strategy is None or not _is_multi_worker(strategy):
+            return flag
+        import tensorflow as tf
+
+        if self._any_worker is None:
+            self._any_worker = _any_worker_fn(strategy)
+        return int(self._any_worker(tf.constant(int(flag), tf.int32)).numpy()) > 0
+
+    def exit(self, what):
+        """Leave training with ``EXIT_PREEMPTED`` (the grace timer stays armed in case exiting hangs)."""
+        self.print_fn(f"preempted (SIGTERM): {what}; exiting with {EXIT_PREEMPTED} so the launcher restarts")
+        self._restore_signals()
+        raise Preempted()
+
+    def _restore_signals(self):
+        if self._old_handler is None:
+            return
+        signal.set_wakeup_fd(self._old_wakeup)
+        signal.signal(signal.SIGTERM, self._old_handler)
+        self._old_handler = None
+        os.close(self._write_fd)  # the listener reads EOF and ends
+
+    def close(self):
+        """Stop watching: put back the previous SIGTERM handler and cancel the timer."""
+        self._restore_signals()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._thread.join(timeout=1.0)
+        with contextlib.suppress(OSError):
+            os.close(self._read_fd)
+
+
+def watch(grace_period=DEFAULT_GRACE_SEC, print_fn=print):
+    """Start watching for SIGTERM (call from the main thread); returns a ``Watch``.
+
+    Returns None when not on the main thread, where signals cannot be handled.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return Watch(grace_period, print_fn or (lambda *a, **k: None))
+
+
+class Unreachable(SystemExit):
+    """Raised when the other workers did not register in time; exits with ``EXIT_UNREACHABLE``."""
+
+    def __init__(self):
+        super().__init__(EXIT_UNREACHABLE)
+
+
+def _configure_register_timeout(cluster, seconds):
+    """Give TF's coordination service a registration deadline before the strategy starts it.
+
+    Without one a worker waits for absent peers for an hour, holding the GIL
+    (so no Python watchdog thread can run). MultiWorkerMirroredStrategy keeps
+    a coordination service that is already configured; this is its own set-up
+    plus ``cluster_register_timeout_in_ms``.
+    """
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+    import tensorflow as tf
+
+    if context.context().coordination_service is not None or cluster.task_type not in ("chief", "worker"):
+        return
+    spec = tf.train.ClusterSpec(cluster.cluster_spec)
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=spec.num_tasks(job))
+            for job in ("chief", "worker") if job in spec.jobs]
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
+        coordinated_jobs=jobs, cluster_register_timeout_in_ms=int(seconds * 1000))
+
+
+@contextlib.contextmanager
+def peers_within(seconds, cluster):
+    """Inside: start a multi-worker strategy. If the peers do not all register within
+    ``seconds``, print one line and exit with ``EXIT_UNREACHABLE`` instead of hanging."""
+    import tensorflow as tf
+
+    if cluster.num_workers < 2 or not cluster.cluster_spec or not seconds:
+        yield
+        return
+    _configure_register_timeout(cluster, seconds)
+    try:
+        yield
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError):
+        sys.stderr.write(f"tfpar-train: error: {cluster.task_name} could not reach the other workers within "
+                         f"{seconds:g} s; check that every task is started and that the TF_CONFIG addresses "
+                         f"are reachable.\n")
+        sys.stderr.flush()
+        raise Unreachable() from None
