@@ -1,0 +1,144 @@
+"""The local launcher, and multi-worker training through it with real processes.
+
+Launcher tests use tiny shell/python commands (fast tier). Training tests run
+``tfpar-train --strategy=multi_worker`` as 2 and 3 worker processes on
+127.0.0.1 (``slow``): loss goes down and every worker ends with the same weights.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tfpar import cluster, launcher
+
+LAUNCH = [sys.executable, "-m", "tfpar.launcher"]
+
+
+def run_launcher(args, timeout=120, **kwargs):
+    proc = subprocess.Popen(LAUNCH + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_plan_gives_each_task_a_valid_tf_config():
+    tasks = launcher.plan(["prog"], workers=3, port_base=23000)
+    assert [t.name for t in tasks] == ["worker-0", "worker-1", "worker-2"]
+    assert [t.address for t in tasks] == ["127.0.0.1:23000", "127.0.0.1:23001", "127.0.0.1:23002"]
+    infos = [cluster.from_tf_config(launcher.tf_config(tasks, t)) for t in tasks]
+    assert [(i.task_type, i.task_index, i.num_workers, i.is_chief) for i in infos] == [
+        ("worker", 0, 3, True), ("worker", 1, 3, False), ("worker", 2, 3, False)]
+    assert all(t.argv == ["prog"] and not t.is_server for t in tasks)
+
+
+def test_plan_with_ps_adds_a_chief_coordinator_and_builtin_servers():
+    tasks = launcher.plan(["prog"], workers=2, ps=1)
+    assert [t.name for t in tasks] == ["chief-0", "worker-0", "worker-1", "ps-0"]
+    assert tasks[0].argv == ["prog"] and not tasks[0].is_server
+    assert all(t.is_server and t.argv == launcher.server_argv() for t in tasks[1:])
+    assert len({t.address for t in tasks}) == 4
+    info = cluster.from_tf_config(launcher.tf_config(tasks, tasks[3]))
+    assert (info.task_type, info.num_workers, info.num_ps) == ("ps", 3, 1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(workers=0), "--workers must be at least 1"),
+    (dict(workers=2, ps=-1), "--ps must be 0 or more"),
+    (dict(workers=2, port_base=80), "--port-base must leave room"),
+])
+def test_plan_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        launcher.plan(["prog"], **kwargs)
+    with pytest.raises(ValueError, match="No COMMAND"):
+        launcher.plan([], workers=2)
+
+
+def test_streams_prefixed_output_and_succeeds():
+    code, out = run_launcher(["--workers", "3", "--", sys.executable, "-c",
+                              "import os, json; t = json.loads(os.environ['TF_CONFIG'])['task']; "
+                              "print('hello from', t['type'], t['index'])"])
+    assert code == 0, out
+    for i in range(3):
+        assert f"[worker-{i}] hello from worker {i}\n" in out
+
+
+def test_first_failure_stops_every_process_group_and_sets_the_exit_code(tmp_path):
+    # worker-0 starts a grandchild in its group and waits; worker-1 fails with 3.
+    script = (
+        "import json, os, subprocess, sys, time\n"
+        "i = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
+        "if i == 1:\n"
+        f"    while not os.path.exists({str(tmp_path / 'pid')!r}): time.sleep(0.05)\n"
+        "    sys.exit(3)\n"
+        "child = subprocess.Popen(['sleep', '300'])\n"
+        f"open({str(tmp_path / 'pid.tmp')!r}, 'w').write(str(child.pid))\n"
+        f"os.rename({str(tmp_path / 'pid.tmp')!r}, {str(tmp_path / 'pid')!r})\n"
+        "time.sleep(300)\n"
+    )
+    started = time.monotonic()
+    code, out = run_launcher(["--workers", "2", "--", sys.executable, "-c", script])
+    assert code == 3, out
+    assert "worker-1 failed with exit code 3" in out
+    assert time.monotonic() - started < 60
+    grandchild = int((tmp_path / "pid").read_text())
+    assert not pid_alive(grandchild)
+
+
+def test_sigterm_stops_everything(tmp_path):
+    marker = tmp_path / "started"
+    proc = subprocess.Popen(LAUNCH + ["--workers", "2", "--", sys.executable, "-c",
+                                      f"import time; open({str(marker)!r}, 'a').write('x'); time.sleep(300)"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (marker.exists() and len(marker.read_text()) == 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)],
+                                               capture_output=True, text=True).stdout.split()]
+        assert len(pids) == 2
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert not any(pid_alive(p) for p in pids)
+
+
+def test_timeout_exits_124():
+    code, out = run_launcher(["--workers", "2", "--timeout", "2", "--", "sleep", "300"])
+    assert code == 124, out
+    assert "timeout after 2 s" in out
+
+
+def test_ps_topology_succeeds_when_the_chief_does_and_stops_the_servers():
+    code, out = run_launcher(["--workers", "2", "--ps", "1", "--servers", "command", "--", sys.executable, "-c",
+                              "import os, json, time; t = json.loads(os.environ['TF_CONFIG'])['task']\n"
+                              "if t['type'] != 'chief': time.sleep(300)\n"
+                              "print('coordinator done')"])
+    assert code == 0, out
+    assert "[chief-0] coordinator done" in out

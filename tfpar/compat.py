@@ -1,0 +1,243 @@
+"""Small, version-gated fixes that make Keras 3 ``fit``/``evaluate``/``predict``
+work under ``MultiWorkerMirroredStrategy`` (DESIGN.md items 1-2).
+
+Each fix:
+  * names its upstream issue;
+  * applies only to Keras 3 on the TensorFlow backend, and only while the
+    defect is still in the installed Keras (``present()`` reads the code of
+    the function it replaces, so a fixed Keras is left alone);
+  * wraps the one Keras trainer function involved and delegates to the
+    original for every case the defect does not touch (single worker,
+    mirrored, TPU, ...), so nothing changes outside multi-worker runs;
+  * is idempotent and logged once.
+
+``apply()`` is public for users who build their own strategy;
+``tfpar.strategies.create`` calls it for ``multi_worker``. Set
+``TFPAR_COMPAT_DISABLE=all`` (or a comma-separated list of fix names) to turn
+fixes off, e.g. to check whether upstream still needs them.
+"""
+
+import dataclasses
+import inspect
+import logging
+import os
+
+log = logging.getLogger("tfpar")
+
+DISABLE_ENV = "TFPAR_COMPAT_DISABLE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fix:
+    name: str
+    upstream: str
+    summary: str
+    present: object  # () -> bool: is the defect in the installed Keras?
+    install: object  # () -> None
+
+
+def _trainer_module():
+    from keras.src.backend.tensorflow import trainer
+
+    return trainer
+
+
+def _keras_needs_fixes():
+    import keras
+
+    return keras.__version__.startswith("3.") and keras.backend.backend() == "tensorflow"
+
+
+def _source(fn):
+    try:
+        return inspect.getsource(getattr(fn, "__tfpar_original__", fn))
+    except (OSError, TypeError):
+        return ""
+
+
+def _is_multi_worker(strategy):
+    import tensorflow as tf
+
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
+
+
+# --- keras-team/keras#20585: _maybe_symbolic_build reduces a PerReplica batch --
+
+def _symbolic_build_present():
+    source = _source(_trainer_module().TensorFlowTrainer._maybe_symbolic_build)
+    return "distribute_strategy.reduce(" in source
+
+
+def _install_symbolic_build():
+    """Build from the first local replica's batch instead of a cross-worker MEAN.
+
+    The first batch is only needed for its shapes and dtypes; Keras reduces it
+    with ``strategy.reduce("MEAN", ...)``, which fails for a PerReplica batch in
+    multi-worker mode ("Attempt to convert a value (PerReplica ...)").
+    """
+    import tensorflow as tf
+    from keras.src import tree
+
+    trainer_cls = _trainer_module().TensorFlowTrainer
+    original = trainer_cls._maybe_symbolic_build
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if iterator is not None and strategy is not None and _is_multi_worker(strategy):
+            for _, _, it in iterator:
+                data_batch = tree.map_structure(
+                    lambda v: strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v,
+                    next(it),
+                )
+                break
+            iterator = None
+        return original(self, iterator=iterator, data_batch=data_batch)
+
+    _maybe_symbolic_build.__tfpar_original__ = original
+    trainer_cls._maybe_symbolic_build = _maybe_symbolic_build
+
+
+# --- tensorflow/tensorflow#72388: reduce_per_replica uses axis=0 on scalar logs --
+
+def _scalar_reduce_present():
+    source = _source(_trainer_module().reduce_per_replica)
+    return 'strategy.reduce("MEAN", v, axis=0)' in source
+
+
+def _install_scalar_reduce():
+    """Mean per-replica *scalar* logs across replicas with ``axis=None``.
+
+    Keras's multi-worker branch reduces every value with ``axis=0``, which a
+    scalar loss or metric does not have ("Invalid reduction dimension 0 for
+    input with 0 dimensions"). Non-scalars and every other case go to Keras.
+    """
+    import tensorflow as tf
+    from keras.src import tree
+
+    module = _trainer_module()
+    original = module.reduce_per_replica
+
+    def _rank(v, strategy):
+        first = strategy.experimental_local_results(v)[0] if isinstance(v, tf.distribute.DistributedValues) else v
+        return getattr(getattr(first, "shape", None), "rank", None)
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not _is_multi_worker(strategy):
+            return original(values, strategy, reduction)
+
+        def _reduce(v):
+            if _rank(v, strategy) == 0:
+                return strategy.reduce("MEAN", v, axis=None)
+            return original(v, strategy, reduction)
+
+        return tree.map_structure(_reduce, values)
+
+    reduce_per_replica.__tfpar_original__ = original
+    module.reduce_per_replica = reduce_per_replica
+
+
+# --- BatchNormalization moving statistics diverge across workers -------------
+
+def _bn_moving_stats_present():
+    import keras
+
+    source = _source(keras.layers.BatchNormalization.build)
+    return 'name="moving_mean"' in source and "aggregation" not in source
+
+
+def _install_bn_moving_stats():
+    """Create BatchNormalization's non-trainable statistics with ``aggregation="mean"``.
+
+    Keras 3 creates ``moving_mean``/``moving_variance`` with aggregation
+    ``none``, so under ``MultiWorkerMirroredStrategy`` each worker updates its
+    own copy from its own shard and the workers end with different models
+    (tf_keras averaged them). With ``mean`` every update is all-reduced, so all
+    copies stay equal: the moving average of the replicas' batch statistics.
+    Only weights created under a multi-worker strategy are affected.
+    """
+    import keras
+    import tensorflow as tf
+
+    bn_cls = keras.layers.BatchNormalization
+    original = bn_cls.add_weight
+
+    def add_weight(self, *args, **kwargs):
+        if (not kwargs.get("trainable", True) and kwargs.get("aggregation", "none") == "none"
+                and not getattr(self, "synchronized", False)
+                and _is_multi_worker(tf.distribute.get_strategy())):
+            kwargs["aggregation"] = "mean"
+        return original(self, *args, **kwargs)
+
+    add_weight.__tfpar_original__ = original
+    bn_cls.add_weight = add_weight
+
+
+FIXES = (
+    Fix("symbolic_build_reduce", "keras-team/keras#20585",
+        "build the model from a local replica's first batch in multi-worker fit/evaluate",
+        _symbolic_build_present, _install_symbolic_build),
+    Fix("scalar_log_reduce", "tensorflow/tensorflow#72388",
+        "reduce scalar multi-worker logs with axis=None",
+        _scalar_reduce_present, _install_scalar_reduce),
+    Fix("bn_moving_stats_mean", "no upstream issue yet (tf_keras averaged them)",
+        "all-reduce BatchNormalization moving statistics so workers keep equal copies",
+        _bn_moving_stats_present, _install_bn_moving_stats),
+)
+NAMES = tuple(f.name for f in FIXES)
+
+_applied = set()
+_logged = set()
+
+
+def _disabled(environ):
+    raw = environ.get(DISABLE_ENV, "").strip()
+    if not raw:
+        return set()
+    names = {n.strip() for n in raw.split(",") if n.strip()}
+    if "all" in names:
+        return set(NAMES)
+    unknown = names - set(NAMES)
+    if unknown:
+        raise ValueError(f"{DISABLE_ENV} names unknown fix(es) {', '.join(sorted(unknown))}; "
+                         f"accepted: all, {', '.join(NAMES)}.")
+    return names
+
+
+def _log_once(key, message, *args):
+    if key not in _logged:
+        _logged.add(key)
+        log.info(message, *args)
+
+
+def apply(environ=None):
+    """Install every fix the installed Keras still needs; return the names now active.
+
+    Safe to call any number of times.
+    """
+    env = os.environ if environ is None else environ
+    disabled = _disabled(env)
+    if not _keras_needs_fixes():
+        _log_once("not-needed", "tfpar.compat: no fixes for this Keras version/backend")
+        return sorted(_applied)
+    for fix in FIXES:
+        if fix.name in _applied:
+            continue
+        if fix.name in disabled:
+            _log_once(fix.name, "tfpar.compat: %s (%s) disabled by %s", fix.name, fix.upstream, DISABLE_ENV)
+            continue
+        if not fix.present():
+            _log_once(fix.name, "tfpar.compat: %s (%s) not needed; this Keras is fixed", fix.name, fix.upstream)
+            continue
+        fix.install()
+        _applied.add(fix.name)
+        _log_once(fix.name, "tfpar.compat: applied %s (%s): %s", fix.name, fix.upstream, fix.summary)
+    return sorted(_applied)
+
+
+def applied():
+    """Names of the fixes installed in this process."""
+    return sorted(_applied)
