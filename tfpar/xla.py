@@ -102,6 +102,7 @@ def enable(model, jit_compile="on"):
         return True
     model.jit_compile = False  # Keras's own XLA wraps strategy.run: the cross-device failure
     model._tfpar_xla = {}
+    warned = set()
     makers = {"train": _train_step, "test": _test_step, "predict": _predict_step}
     for kind, make in makers.items():
         name = f"{kind}_step"
@@ -110,7 +111,7 @@ def enable(model, jit_compile="on"):
                           f"(wrap its forward/backward in tf.function(jit_compile=True) yourself).", stacklevel=2)
             model._tfpar_xla[kind] = "custom"
             continue
-        setattr(model, name, make(model))
+        setattr(model, name, make(model, warned))
         model._tfpar_xla[kind] = "xla"
     model.train_function = model.test_function = model.predict_function = None
     log.info("XLA on for the per-replica steps of %s under %s", model.name, type(strategy).__name__)
@@ -138,7 +139,7 @@ def _batch_size(x):
     return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
 
 
-def _train_step(model):
+def _train_step(model, warned):
     """Keras 3.15's ``train_step`` with the tape part XLA-compiled per replica."""
     from keras.src.losses import loss as loss_module
 
@@ -149,7 +150,7 @@ def _train_step(model):
             scaled = model.optimizer.scale_loss(loss) if model.optimizer is not None else loss
         return loss, y_pred, tape.gradient(scaled, model.trainable_weights)
 
-    step_fn = _compiled_or_fallback(model, "train", forward_backward)
+    step_fn = _compiled_or_fallback(model, "train", forward_backward, warned)
 
     def train_step(data):
         x, y, sample_weight = _unpack(data)
@@ -163,7 +164,7 @@ def _train_step(model):
     return train_step
 
 
-def _test_step(model):
+def _test_step(model, warned):
     from keras.src.losses import loss as loss_module
 
     def forward(x, y, sample_weight):
@@ -171,7 +172,7 @@ def _test_step(model):
         loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
         return loss, y_pred
 
-    step_fn = _compiled_or_fallback(model, "test", forward)
+    step_fn = _compiled_or_fallback(model, "test", forward, warned)
 
     def test_step(data):
         x, y, sample_weight = _unpack(data)
@@ -182,8 +183,8 @@ def _test_step(model):
     return test_step
 
 
-def _predict_step(model):
-    step_fn = _compiled_or_fallback(model, "predict", lambda x: _call(model, x, training=False))
+def _predict_step(model, warned):
+    step_fn = _compiled_or_fallback(model, "predict", lambda x: _call(model, x, training=False), warned)
 
     def predict_step(data):
         x, _, _ = _unpack(data)
@@ -192,7 +193,7 @@ def _predict_step(model):
     return predict_step
 
 
-def _compiled_or_fallback(model, kind, fn):
+def _compiled_or_fallback(model, kind, fn, warned):
     """``fn`` XLA-compiled; the first trace checks XLA can compile it, else plain ``fn``."""
     compiled = tf.function(fn, jit_compile=True, reduce_retracing=True)
     lock = threading.Lock()  # MirroredStrategy traces each replica in its own thread
@@ -205,8 +206,11 @@ def _compiled_or_fallback(model, kind, fn):
                 checked.add(kind)
                 if reason is not None:
                     model._tfpar_xla[kind] = "fallback"
-                    warnings.warn(f"XLA cannot compile the {kind} step of model {model.name!r}: {reason}. "
-                                  f"That step runs without XLA.", stacklevel=2)
+                    if reason not in warned:  # one warning per cause, not per train/test/predict
+                        warned.add(reason)
+                        warnings.warn(f"XLA cannot compile model {model.name!r}: {reason}. "
+                                      f"Its {kind} step (and any other step using it) runs without XLA.",
+                                      stacklevel=2)
             use_xla = model._tfpar_xla.get(kind) == "xla"
         return compiled(*args) if use_xla else fn(*args)
 
@@ -226,7 +230,11 @@ def _why_not_compilable(fn, args, model):
             filled[i] = tensor
         return fn(*tf.nest.pack_sequence_as(args, filled))
 
-    specs = [tf.TensorSpec(leaves[i].shape, leaves[i].dtype) for i in where]
+    # The HLO probe needs static shapes; an unknown (batch) size does not
+    # change which ops the step uses, so any size will do.
+    if any(leaves[i].shape.rank is None for i in where):
+        return None
+    specs = [tf.TensorSpec([1 if d is None else d for d in leaves[i].shape], leaves[i].dtype) for i in where]
     try:
         tf.function(probe, jit_compile=True).experimental_get_compiler_ir(*specs)(stage="hlo")
     except Exception as err:  # noqa: BLE001 - TF raises several types here; classified below
