@@ -45,7 +45,8 @@ MODES = ("auto", "on", "off")
 # XLA error messages that mean "this graph cannot be compiled", as opposed to
 # a shape error that the real run would also hit.
 _UNCOMPILABLE = ("Detected unsupported operations", "must be a compile-time constant",
-                 "is not supported by XLA", "No registered", "dynamic shape", "Unimplemented")
+                 "is not supported by XLA", "No registered", "dynamic shape", "Unimplemented",
+                 "`merge_call` called while defining a new graph")
 
 
 def resolve(jit_compile="auto", strategy=None):
@@ -194,15 +195,35 @@ def _predict_step(model, warned):
 
 
 def _compiled_or_fallback(model, kind, fn, warned):
-    """``fn`` XLA-compiled; the first trace checks XLA can compile it, else plain ``fn``."""
-    compiled = tf.function(fn, jit_compile=True, reduce_retracing=True)
+    """``fn`` XLA-compiled and side-effect free; its variable updates are applied outside XLA.
+
+    Layers update state in ``call`` (BatchNormalization's moving statistics,
+    dropout seeds). Under a strategy such an update may all-reduce (tfpar's
+    multi-worker compat makes BN statistics ``aggregation="mean"``), which
+    cannot happen inside one replica's XLA function. So ``fn`` runs in a
+    ``keras.StatelessScope`` (as Keras's JAX trainer does), returns the new
+    values, and they are assigned afterwards exactly as Keras would assign them.
+    """
+    from keras import StatelessScope
+
+    def pure(*args):
+        with StatelessScope(collect_losses=True) as scope:
+            result = fn(*args)
+        updates = {}
+        for i, variable in enumerate(model.variables):
+            value = scope.get_current_value(variable)
+            if value is not None:
+                updates[str(i)] = value
+        return result, updates
+
+    compiled = tf.function(pure, jit_compile=True, reduce_retracing=True)
     lock = threading.Lock()  # MirroredStrategy traces each replica in its own thread
     checked = set()
 
     def run(*args):
         with lock:
             if model._tfpar_xla.get(kind) == "xla" and kind not in checked:
-                reason = _why_not_compilable(fn, args, model)
+                reason = _why_not_compilable(pure, args, model)
                 checked.add(kind)
                 if reason is not None:
                     model._tfpar_xla[kind] = "fallback"
@@ -212,7 +233,11 @@ def _compiled_or_fallback(model, kind, fn, warned):
                                       f"Its {kind} step (and any other step using it) runs without XLA.",
                                       stacklevel=2)
             use_xla = model._tfpar_xla.get(kind) == "xla"
-        return compiled(*args) if use_xla else fn(*args)
+        result, updates = compiled(*args) if use_xla else pure(*args)
+        variables = model.variables
+        for i, value in updates.items():
+            variables[int(i)].assign(value)
+        return result
 
     return run
 
@@ -245,6 +270,10 @@ def _why_not_compilable(fn, args, model):
         node = re.search(r"\{\{node ([^}]+)\}\}", message)
         if node:
             return f"{_layer_of(node.group(1), model)} uses op {node.group(1).rpartition('/')[2]}, which XLA does not support"
+        layer = re.search(r"when calling (\w+)\.call\(\)", message)
+        if "merge_call" in message:
+            where = f"layer class {layer.group(1)}" if layer else "a layer"
+            return f"{where} synchronizes replicas inside its call (e.g. synchronized=True)"
         return message.splitlines()[0][:300]
     return None
 
