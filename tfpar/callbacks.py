@@ -1,5 +1,11 @@
-"""Keras callbacks tfpar adds to ``fit``: throughput now; backup and profiling build on it."""
+"""Keras callbacks tfpar adds to ``fit``: throughput, profiling, best-model checkpoints.
 
+``for_run(config, model_dir, is_chief, ...)`` assembles the list ``run()``
+passes to ``fit``; each piece is usable on its own.
+"""
+
+import math
+import os
 import statistics
 import time
 
@@ -15,8 +21,9 @@ class ThroughputLogger(keras.callbacks.Callback):
     epoch logs (so History and TensorBoard see them) and to ``self.epochs``.
     """
 
-    def __init__(self, global_batch_size, skip_steps=2, log_dir=None, print_fn=print):
+    def __init__(self, global_batch_size, skip_steps=2, log_dir=None, print_fn=print, prefix=""):
         super().__init__()
+        self.prefix = prefix
         self.global_batch_size = global_batch_size
         self.skip_steps = skip_steps
         self.print_fn = print_fn
@@ -57,6 +64,7 @@ class ThroughputLogger(keras.callbacks.Callback):
             self._writer.flush()
         if self.print_fn:
             self.print_fn(
+                f"{self.prefix}"
                 f"epoch {epoch + 1}: {stats['examples_per_sec']:.1f} examples/sec, "
                 f"{stats['step_time_ms']:.1f} ms/step"
             )
@@ -64,3 +72,56 @@ class ThroughputLogger(keras.callbacks.Callback):
     def median_examples_per_sec(self):
         values = [e["examples_per_sec"] for e in self.epochs]
         return statistics.median(values) if values else None
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Keep the weights of the best epoch by ``monitor``, written atomically.
+
+    Keras's ``ModelCheckpoint`` writes in place, so a crash mid-write leaves a
+    broken file; this one saves to a temporary name beside the target and
+    renames it into place. Only the chief should carry it (``for_run`` does so).
+    """
+
+    def __init__(self, path, monitor="val_accuracy", mode=None):
+        super().__init__()
+        if not path.endswith(".weights.h5"):
+            raise ValueError(f"BestCheckpoint path must end with .weights.h5, got {path!r}.")
+        self.path, self.monitor = path, monitor
+        self.mode = mode or ("max" if "acc" in monitor else "min")
+        self.best = -math.inf if self.mode == "max" else math.inf
+        self.best_epoch = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not math.isfinite(float(value)):
+            return
+        value = float(value)
+        if (value > self.best) if self.mode == "max" else (value < self.best):
+            self.best, self.best_epoch = value, epoch
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            tmp = self.path[: -len(".weights.h5")] + ".tmp.weights.h5"
+            self.model.save_weights(tmp, overwrite=True)
+            os.replace(tmp, self.path)
+
+
+def for_run(config, model_dir, is_chief, global_batch_size, has_validation, print_fn=print, task_name=""):
+    """The callbacks ``run()`` gives ``fit``: throughput, NaN guard, TensorBoard/profile, best weights.
+
+    Only the chief prints epoch lines and keeps checkpoints, unless
+    ``config.log_all_workers`` asks every worker to print (prefixed by task).
+    Returns ``(callbacks, throughput_logger)``.
+    """
+    speak = is_chief or config.log_all_workers
+    prefix = f"[{task_name}] " if config.log_all_workers and task_name else ""
+    throughput = ThroughputLogger(
+        global_batch_size,  # examples per step; gradient accumulation does not change it
+        log_dir=os.path.join(model_dir, "train") if config.tensorboard else None,
+        print_fn=print_fn if speak else None, prefix=prefix,
+    )
+    cbs = [throughput, keras.callbacks.TerminateOnNaN()]
+    if config.tensorboard:
+        cbs.append(keras.callbacks.TensorBoard(log_dir=model_dir, profile_batch=config.profile_range() or 0))
+    if is_chief and config.checkpoint_best:
+        monitor = "val_accuracy" if has_validation else "accuracy"
+        cbs.append(BestCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor=monitor))
+    return cbs, throughput

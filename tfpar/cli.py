@@ -12,31 +12,55 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up cha
 
 from absl import flags
 
-from tfpar.train import TrainConfig
+from tfpar.train import DEFAULT_GLOBAL_BATCH, TrainConfig
 
 FLAGS = flags.FlagValues()
 _D = TrainConfig()
 _HELP = {
-    "model": "Model name from tfpar.models.names().",
-    "num_classes": "Classes of the classifier.",
-    "image_size": "Height and width the images are resized to.",
-    "width_multiplier": "Scales every layer's width (0.25 for quick runs).",
-    "bn_momentum": "BatchNormalization moving-statistics momentum.",
-    "strategy": "auto, one_device, mirrored, multi_worker, tpu or parameter_server.",
-    "virtual_cpus": "Split the CPU into this many logical devices (for mirrored on a laptop).",
+    "model": "Model name: " + ", ".join(__import__("tfpar.models", fromlist=["names"]).names()) + ".",
+    "num_classes": "Classes of the classifier (must match the data: digits 10, cifar10 10, cifar100 100, "
+                   "folder = its class folders; ImageNet TFRecords store labels 1-1000, so use 1001).",
+    "image_size": "Height and width the images are resized or cropped to.",
+    "width_multiplier": "Scales every layer's width (0.125-0.25 for quick runs).",
+    "bn_momentum": "BatchNormalization moving-statistics momentum (0.9 suits short runs).",
+    "strategy": "auto, one_device, mirrored, multi_worker, tpu, parameter_server or dtensor.",
+    "virtual_cpus": "Split the CPU into this many logical devices (mirrored or dtensor on a laptop).",
     "precision": "auto, float32, mixed_float16 or mixed_bfloat16.",
-    "data": "Input source: digits (scikit-learn's bundled images).",
-    "batch_size": "Global batch size, split across replicas.",
+    "data": "Input: digits (scikit-learn's bundled images), synthetic (random, for benchmarks), "
+            "folder:PATH (PATH/<class>/<image>.jpg|png, or PATH/train + PATH/val), "
+            "tfrecord:GLOB (ImageNet layout image/encoded + image/class/label; files named validation* "
+            "or val* are the validation split), cifar10:PATH or cifar100:PATH (the python-pickle archive "
+            ".tar.gz or its folder; never downloaded).",
+    "batch_size": f"Global batch size over all replicas (default {DEFAULT_GLOBAL_BATCH}); must divide evenly.",
+    "per_replica_batch_size": "Batch per replica instead of --batch_size: global = this x replicas.",
     "epochs": "Epochs to train.",
-    "steps_per_epoch": "Steps per epoch (default: one pass over the training data).",
-    "validation_steps": "Validation steps per epoch (default: the whole validation set).",
-    "optimizer": "sgd (with momentum), adam or adamw.",
-    "learning_rate": "Peak learning rate.",
+    "steps_per_epoch": "Steps per epoch (default: one pass over the training data; 100 for synthetic).",
+    "validation_steps": "Validation steps per epoch (default: the whole validation set; 10 for synthetic).",
+    "optimizer": "sgd (with --momentum), adam or adamw (decoupled --weight_decay).",
+    "learning_rate": "Learning rate at --lr_reference_batch; scaled linearly to the global batch x "
+                     "--grad_accum_steps: peak = learning_rate * batch * accum / lr_reference_batch.",
+    "lr_reference_batch": "Batch size --learning_rate is given for (Goyal et al.: 0.1 per 256); 0 = no scaling.",
+    "lr_schedule": "After warmup: cosine (to 0 at the end), step (x --lr_decay_rate at --lr_decay_epochs) "
+                   "or constant.",
+    "warmup_epochs": "Epochs of linear warmup from 0 to the peak learning rate (may be fractional).",
+    "lr_decay_epochs": "Comma-separated epochs where lr_schedule=step multiplies the rate by --lr_decay_rate.",
+    "lr_decay_rate": "Factor of each step decay.",
     "momentum": "SGD momentum.",
-    "weight_decay": "L2 factor on kernels (decoupled decay for adamw).",
-    "model_dir": "Where TensorBoard logs and summary.json go.",
-    "tensorboard": "Write TensorBoard event files under model_dir.",
-    "seed": "Random seed for weights, shuffling and dropout.",
+    "label_smoothing": "Label smoothing of the cross-entropy, in [0, 1).",
+    "weight_decay": "L2 factor on kernels for sgd/adam; decoupled weight decay for adamw.",
+    "grad_accum_steps": "Average gradients over this many steps per optimizer update (Keras "
+                        "gradient_accumulation_steps), for global batches larger than memory allows.",
+    "jit_compile": "XLA: auto (off on CPU-only machines, else Keras decides), on or off.",
+    "steps_per_execution": "Training steps run per tf.function call (fewer Python round trips).",
+    "model_dir": "Where TensorBoard logs, best.weights.h5 and summary.json go.",
+    "tensorboard": "Write TensorBoard event files (scalars, throughput) under model_dir.",
+    "profile_steps": "Trace steps A to B with the TensorBoard profiler, e.g. 2,3 (needs --tensorboard); "
+                     "the trace lands in model_dir/plugins/profile/<run>/.",
+    "checkpoint_best": "Keep the best epoch's weights (val accuracy) as model_dir/best.weights.h5 (chief only).",
+    "log_all_workers": "Every worker prints its epochs (prefixed by task), not only the chief.",
+    "mesh": "DTensor mesh for --strategy=dtensor, e.g. batch=2,model=2.",
+    "layout_rules": "DTensor layout rules file for --strategy=dtensor.",
+    "seed": "Random seed for weights, shuffling and augmentation.",
     "verbose": "Keras fit verbosity on the chief: 0, 1 or 2.",
 }
 
@@ -60,6 +84,7 @@ _define_flags()
 
 def config_from_flags(argv):
     """Parse ``argv`` (program name first) into a validated ``TrainConfig``."""
+    FLAGS.unparse_flags()  # a second call in one process starts from the defaults again
     rest = FLAGS(argv)
     if len(rest) > 1:
         raise ValueError(f"Unexpected argument(s): {' '.join(rest[1:])}.")
@@ -72,15 +97,36 @@ def fail(message):
     return 2
 
 
+USAGE = """usage: tfpar-train [--flag=value ...] [--flagfile=FILE]
+
+Train an image classifier with a tf.distribute strategy and write TensorBoard
+logs and summary.json to --model_dir. Flags may also come from --flagfile
+(one --flag=value per line). Mistakes exit with status 2 and one sentence.
+"""
+
+
+def help_text():
+    """The --help text: usage and every flag with its default."""
+    return USAGE + "\nflags:\n" + FLAGS.get_help(include_special_flags=False) + (
+        "\n  --flagfile: Read flags from this file, one --flag=value per line.\n")
+
+
+def _sentence(err):
+    """absl's messages can span lines (e.g. 'Did you mean'); the CLI shows one sentence."""
+    text = " ".join(str(err).split())
+    return text if text.endswith(".") else text + "."
+
+
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
-    if "--help" in argv or "-h" in argv or "--helpfull" in argv:
-        print("usage: tfpar-train [--flag=value ...]\n\nTrain a tfpar model.\n")
-        print(FLAGS.get_help())
+    if any(a in ("--help", "-h", "--helpfull", "-?", "--helpshort") for a in argv[1:]):
+        print(help_text())
         return 0
     try:
         config = config_from_flags(argv)
-    except (flags.Error, ValueError) as err:
+    except flags.Error as err:
+        return fail(_sentence(err))
+    except ValueError as err:
         return fail(str(err))
     from tfpar import train
 
@@ -98,3 +144,7 @@ def main(argv=None):
 def run_main():
     """Console-script entry point."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run_main()

@@ -1,22 +1,44 @@
 """The training driver: ``TrainConfig`` -> ``run()`` -> summary dict.
 
-cluster -> strategy -> precision -> model -> data -> compile -> fit ->
-evaluate -> summary.json. Each step calls the module that owns it.
+cluster -> data check -> strategy -> precision -> model -> data -> compile ->
+fit -> evaluate -> summary.json. Each step calls the module that owns it.
+
+Strategies whose training is not Keras ``fit`` (DTensor sharding, parameter
+servers) plug in through ``TRAINING_LOOPS``: one line each.
 """
 
 import dataclasses
+import importlib
 import logging
 import os
+import re
 import time
 
 log = logging.getLogger("tfpar")
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+JIT_COMPILE = ("auto", "on", "off")
+DEFAULT_GLOBAL_BATCH = 64
+
+# Strategy name -> "module:function" for strategies that need their own training
+# loop instead of Keras ``fit``. The function is called as ``fn(config, cluster,
+# print_fn)`` with a validated ``TrainConfig`` and ``tfpar.cluster.ClusterInfo``
+# and returns a dict of results (keys as ``fit_loop`` returns; at least
+# strategy, replicas, precision, epochs_done, steps_done). ``run()`` adds config,
+# versions, task and wall time, and writes the summaries. Add one line each:
+#     "dtensor": "tfpar.sharding:train",
+#     "parameter_server": "tfpar.parameter_server:train",
+TRAINING_LOOPS = {}
+OWN_LOOP_STRATEGIES = ("dtensor", "parameter_server")  # Keras fit cannot train these (DESIGN items 4, 5)
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything one training run needs. ``validate()`` checks it once."""
+    """Everything one training run needs. ``validate()`` checks it once.
+
+    The CLI defines one flag per field, so a field's comment in ``cli._HELP``
+    is its documentation.
+    """
 
     model: str = "resnet18"
     num_classes: int = 10
@@ -27,129 +49,310 @@ class TrainConfig:
     virtual_cpus: int | None = None
     precision: str = "float32"
     data: str = "digits"
-    batch_size: int = 64  # global
+    batch_size: int | None = None  # global; DEFAULT_GLOBAL_BATCH when neither batch flag is given
+    per_replica_batch_size: int | None = None
     epochs: int = 5
     steps_per_epoch: int | None = None
     validation_steps: int | None = None
     optimizer: str = "sgd"
-    learning_rate: float = 0.05
+    learning_rate: float = 0.1  # at lr_reference_batch; see tfpar.schedules
+    lr_reference_batch: int = 256
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    lr_decay_epochs: str | None = None  # "30,60,80" for lr_schedule=step
+    lr_decay_rate: float = 0.1
     momentum: float = 0.9
+    label_smoothing: float = 0.0
     weight_decay: float = 0.0
+    grad_accum_steps: int = 1
+    jit_compile: str = "auto"
+    steps_per_execution: int = 1
     model_dir: str = "runs/default"
     tensorboard: bool = True
+    profile_steps: str | None = None  # "A,B"
+    checkpoint_best: bool = True
+    log_all_workers: bool = False
+    mesh: str | None = None  # dtensor only, e.g. "batch=2,model=2"
+    layout_rules: str | None = None  # dtensor only: a file of layout rules
     seed: int = 0
     verbose: int = 2
 
     def validate(self):
         """Raise ``ValueError`` with one clear sentence for the first bad field."""
-        from tfpar import models, precision, strategies
+        from tfpar import data, models, precision, schedules, strategies
 
+        names = strategies.NAMES + ("dtensor",)
         if self.model not in models.names():
             raise ValueError(f"Unknown model {self.model!r}; choose one of: {', '.join(models.names())}.")
-        if self.strategy not in strategies.NAMES:
-            raise ValueError(f"Unknown strategy {self.strategy!r}; choose one of: {', '.join(strategies.NAMES)}.")
+        if self.strategy not in names:
+            raise ValueError(f"Unknown strategy {self.strategy!r}; choose one of: {', '.join(names)}.")
         if self.precision not in precision.POLICIES:
             raise ValueError(f"Unknown precision {self.precision!r}; choose one of: {', '.join(precision.POLICIES)}.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}.")
-        for name in ("num_classes", "image_size", "batch_size", "epochs"):
+        if self.lr_schedule not in schedules.KINDS:
+            raise ValueError(f"Unknown lr_schedule {self.lr_schedule!r}; choose one of: {', '.join(schedules.KINDS)}.")
+        if self.jit_compile not in JIT_COMPILE:
+            raise ValueError(f"jit_compile must be one of: {', '.join(JIT_COMPILE)}; got {self.jit_compile!r}.")
+        for name in ("num_classes", "image_size", "epochs", "grad_accum_steps", "steps_per_execution"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("steps_per_epoch", "validation_steps", "virtual_cpus"):
+        for name in ("batch_size", "per_replica_batch_size", "steps_per_epoch", "validation_steps", "virtual_cpus"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer when given, got {value!r}.")
+        if self.batch_size is not None and self.per_replica_batch_size is not None:
+            raise ValueError("Give batch_size (global) or per_replica_batch_size, not both.")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}.")
-        if self.data != "digits":
-            raise ValueError(f"Unknown data source {self.data!r}; accepted: digits.")
-        if self.data == "digits" and self.num_classes != 10:
-            raise ValueError(f"The digits data has 10 classes; num_classes={self.num_classes} does not match.")
+        if not isinstance(self.lr_reference_batch, int) or self.lr_reference_batch < 0:
+            raise ValueError(f"lr_reference_batch must be an integer >= 0 (0: no scaling), got {self.lr_reference_batch!r}.")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be >= 0 and less than epochs ({self.epochs}), got {self.warmup_epochs!r}.")
+        if not 0 < self.lr_decay_rate <= 1:
+            raise ValueError(f"lr_decay_rate must be in (0, 1], got {self.lr_decay_rate!r}.")
+        self.decay_boundaries_epochs()
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
+        if not self.width_multiplier > 0:
+            raise ValueError(f"width_multiplier must be positive, got {self.width_multiplier!r}.")
+        if self.verbose not in (0, 1, 2):
+            raise ValueError(f"verbose must be 0, 1 or 2, got {self.verbose!r}.")
+        self.profile_range()
+        data.parse(self.data)
+        if self.strategy == "dtensor":
+            self._validate_dtensor()
         return self
 
+    def _validate_dtensor(self):
+        if self.mesh is not None and not re.fullmatch(r"[A-Za-z_]\w*=[1-9]\d*(,[A-Za-z_]\w*=[1-9]\d*)*", self.mesh):
+            raise ValueError(f"mesh must look like 'batch=2,model=2' (axis=size, comma-separated), got {self.mesh!r}.")
+        if self.layout_rules is not None and not os.path.isfile(self.layout_rules):
+            raise ValueError(f"layout_rules file {self.layout_rules!r} does not exist.")
 
-def _optimizer(config):
+    def profile_range(self):
+        """``profile_steps`` "A,B" (or "A") -> ``(A, B)`` with 1 <= A <= B; ``None`` when unset."""
+        if not self.profile_steps:
+            return None
+        parts = str(self.profile_steps).split(",")
+        try:
+            first, last = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
+        except ValueError:
+            first = last = None
+        if first is None or not 1 <= first <= last:
+            raise ValueError(
+                f"profile_steps must be 'A,B' with 1 <= A <= B (steps to trace), got {self.profile_steps!r}."
+            )
+        return first, last
+
+    def decay_boundaries_epochs(self):
+        """``lr_decay_epochs`` "30,60,80" -> [30.0, 60.0, 80.0] (increasing, within the run)."""
+        if not self.lr_decay_epochs:
+            if self.lr_schedule == "step":
+                raise ValueError("lr_schedule=step needs lr_decay_epochs, e.g. --lr_decay_epochs=30,60,80.")
+            return []
+        try:
+            values = [float(v) for v in str(self.lr_decay_epochs).split(",")]
+        except ValueError:
+            values = None
+        if not values or values != sorted(values) or values[0] <= 0:
+            raise ValueError(f"lr_decay_epochs must be increasing positive epochs like '30,60,80', got {self.lr_decay_epochs!r}.")
+        return values
+
+    def global_batch_size(self, replicas):
+        """The global batch for ``replicas``: per-replica x replicas, or ``batch_size`` if it divides evenly."""
+        if self.per_replica_batch_size is not None:
+            return self.per_replica_batch_size * replicas
+        batch = self.batch_size or DEFAULT_GLOBAL_BATCH
+        if batch % replicas:
+            raise ValueError(
+                f"batch_size {batch} does not divide evenly over {replicas} replicas; "
+                f"use a multiple of {replicas} or --per_replica_batch_size."
+            )
+        return batch
+
+
+def resolve_jit_compile(setting, strategy):
+    """The ``jit_compile`` value to hand ``compile`` for ``setting`` under ``strategy``.
+
+    ``on``/``off`` are taken as asked. ``auto`` stays off on machines without
+    GPU/TPU (XLA made ResNet-50 3.5x slower on CPU, DESIGN item 11), and is
+    otherwise left to Keras's own ``"auto"``. This is the one place the
+    decision is made, so an XLA-under-strategies path can hook in here.
+    """
+    import tensorflow as tf
+
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    accelerators = tf.config.list_logical_devices("GPU") + tf.config.list_logical_devices("TPU")
+    if not accelerators and not isinstance(strategy, tf.distribute.TPUStrategy):
+        return False
+    return "auto"
+
+
+def make_optimizer(config, global_batch_size, steps_per_epoch):
+    """The optimizer, with the scaled, warmed-up, decaying learning rate of ``tfpar.schedules``."""
     import keras
 
+    from tfpar import schedules
+
+    peak = schedules.scaled_learning_rate(
+        config.learning_rate, global_batch_size, config.grad_accum_steps, config.lr_reference_batch)
+    rate = schedules.WarmupDecay(
+        peak, total_steps=config.epochs * steps_per_epoch,
+        warmup_steps=int(round(config.warmup_epochs * steps_per_epoch)), kind=config.lr_schedule,
+        boundaries=[int(round(e * steps_per_epoch)) for e in config.decay_boundaries_epochs()],
+        decay_rate=config.lr_decay_rate,
+    )
+    accum = {"gradient_accumulation_steps": config.grad_accum_steps} if config.grad_accum_steps > 1 else {}
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(config.learning_rate, momentum=config.momentum)
+        return keras.optimizers.SGD(rate, momentum=config.momentum, **accum), peak
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(config.learning_rate)
-    return keras.optimizers.AdamW(config.learning_rate, weight_decay=config.weight_decay or 0.004)
+        return keras.optimizers.Adam(rate, **accum), peak
+    return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay, **accum), peak
+
+
+def make_loss(config):
+    """Sparse cross-entropy, with label smoothing when asked (labels one-hot inside the loss)."""
+    import keras
+
+    if not config.label_smoothing:
+        return keras.losses.SparseCategoricalCrossentropy()
+    num_classes, smoothing = config.num_classes, config.label_smoothing
+
+    def smoothed_sparse_categorical_crossentropy(y_true, y_pred):
+        y_true = keras.ops.one_hot(keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,)), num_classes)
+        return keras.losses.categorical_crossentropy(y_true, y_pred, label_smoothing=smoothing)
+
+    return smoothed_sparse_categorical_crossentropy
+
+
+def build_model(config):
+    """``config.model`` from the registry, L2 on kernels unless AdamW decays decoupled."""
+    from tfpar import models
+
+    return models.build(
+        config.model, num_classes=config.num_classes,
+        input_shape=(config.image_size, config.image_size, 3),
+        width_multiplier=config.width_multiplier, bn_momentum=config.bn_momentum,
+        weight_decay=config.weight_decay if config.optimizer != "adamw" else 0.0,
+    )
+
+
+def fit_loop(config, info, print_fn=print):
+    """The Keras ``fit`` path for every tf.distribute strategy that ``fit`` supports."""
+    from tfpar import data
+
+    source = data.inspect(config.data, config.num_classes, config.seed)  # before TF touches devices
+
+    import keras
+    import tensorflow as tf
+
+    from tfpar import callbacks, precision, strategies, summary
+
+    strategy = strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
+    replicas = strategy.num_replicas_in_sync
+    global_batch = config.global_batch_size(replicas)
+    policy = precision.apply(config.precision, strategy)
+    keras.utils.set_random_seed(config.seed)
+
+    pipes = data.make(config, global_batch, source, num_workers=info.num_workers, worker_index=info.task_index)
+    jit = resolve_jit_compile(config.jit_compile, strategy)
+    with strategy.scope():
+        model = build_model(config)
+        optimizer, peak = make_optimizer(config, global_batch, pipes.steps_per_epoch)
+        model.compile(optimizer=optimizer, loss=make_loss(config),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                      jit_compile=jit, steps_per_execution=config.steps_per_execution)
+
+    chief = info.is_chief
+    model_dir = config.model_dir if chief else os.path.join(config.model_dir, "workers", info.task_name)
+    cbs, throughput = callbacks.for_run(config, model_dir, chief, global_batch, pipes.val is not None,
+                                        print_fn=print_fn, task_name=info.task_name)
+    if chief or config.log_all_workers:
+        print_fn(f"{type(strategy).__name__}: {replicas} replica(s), global batch {global_batch}, "
+                 f"precision {policy}, peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
+    try:
+        history = model.fit(
+            pipes.train, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
+            validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
+            callbacks=cbs, verbose=config.verbose if (chief or config.log_all_workers) else 0,
+            shuffle=False,  # the dataset shuffles itself
+        )
+        final = (model.evaluate(pipes.val, steps=pipes.validation_steps, return_dict=True, verbose=0)
+                 if pipes.val is not None else {})
+    except tf.errors.InvalidArgumentError as err:
+        if "decode" in str(err).lower() or "image" in str(err).lower():
+            first_line = str(err.message).strip().splitlines()[0]
+            raise ValueError(f"An image in {config.data!r} could not be decoded ({first_line}).") from None
+        raise
+    hist = history.history
+    last = lambda key: float(hist[key][-1]) if hist.get(key) else None  # noqa: E731
+    return {
+        "strategy": type(strategy).__name__,
+        "replicas": replicas,
+        "precision": policy,
+        "global_batch_size": global_batch,
+        "learning_rate_peak": peak,
+        "jit_compile": jit,
+        "epochs_done": len(hist.get("loss", [])),
+        "steps_done": sum(epoch["steps"] for epoch in throughput.epochs),
+        "optimizer_updates": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "train_loss": last("loss"),
+        "train_accuracy": last("accuracy"),
+        "val_loss": float(final["loss"]) if final else None,
+        "val_accuracy": float(final["accuracy"]) if final else None,
+        "examples_per_sec": throughput.median_examples_per_sec(),
+        "throughput_per_epoch": throughput.epochs,
+        "weights_sha256": summary.weights_checksum(model),
+    }
+
+
+def training_loop(strategy_name):
+    """The function that trains under ``strategy_name``: a ``TRAINING_LOOPS`` entry or ``fit_loop``."""
+    target = TRAINING_LOOPS.get(strategy_name)
+    if target is None:
+        if strategy_name in OWN_LOOP_STRATEGIES:
+            raise ValueError(f"Strategy {strategy_name!r} needs its own training loop, which this build of tfpar lacks.")
+        return fit_loop
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def run(config, print_fn=print):
-    """Train as ``config`` says and return the summary (also written as JSON)."""
+    """Train as ``config`` says and return the summary (also written as JSON).
+
+    Every process writes ``summary.<task>.json``; the chief also writes
+    ``summary.json``. Both are written atomically.
+    """
     config.validate()
     from tfpar import cluster as cluster_lib
 
     info = cluster_lib.detect()  # fail on a bad TF_CONFIG before TF starts
-
-    import keras
-
-    from tfpar import callbacks, data, models, precision, strategies, summary
-
     started = time.time()
-    strategy = strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
-    replicas = strategy.num_replicas_in_sync
-    if config.batch_size % replicas:
-        raise ValueError(
-            f"batch_size {config.batch_size} does not divide evenly over {replicas} replicas; "
-            f"use a multiple of {replicas}."
-        )
-    policy = precision.apply(config.precision, strategy)
-    keras.utils.set_random_seed(config.seed)
+    result = training_loop(config.strategy)(config, info, print_fn)
 
-    (x_train, y_train), (x_val, y_val) = data.load_digits(config.image_size, seed=config.seed)
-    train_ds = data.from_arrays(x_train, y_train, config.batch_size, training=True, seed=config.seed)
-    val_ds = data.from_arrays(x_val, y_val, config.batch_size, training=False, drop_remainder=False)
-    steps = config.steps_per_epoch or len(x_train) // config.batch_size
-
-    with strategy.scope():
-        model = models.build(
-            config.model, num_classes=config.num_classes,
-            input_shape=(config.image_size, config.image_size, 3),
-            width_multiplier=config.width_multiplier, bn_momentum=config.bn_momentum,
-            weight_decay=config.weight_decay if config.optimizer != "adamw" else 0.0,
-        )
-        model.compile(optimizer=_optimizer(config), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-
-    chief = info.is_chief
-    model_dir = config.model_dir if chief else os.path.join(config.model_dir, "workers", info.task_name)
-    throughput = callbacks.ThroughputLogger(
-        config.batch_size, log_dir=os.path.join(model_dir, "train") if config.tensorboard else None,
-        print_fn=print_fn if chief else None,
-    )
-    cbs = [throughput, keras.callbacks.TerminateOnNaN()]
-    if config.tensorboard:
-        cbs.append(keras.callbacks.TensorBoard(log_dir=model_dir))
-    history = model.fit(
-        train_ds, epochs=config.epochs, steps_per_epoch=steps, validation_data=val_ds,
-        validation_steps=config.validation_steps, callbacks=cbs, verbose=config.verbose if chief else 0,
-        shuffle=False,  # the dataset shuffles itself
-    )
-    final = model.evaluate(val_ds, steps=config.validation_steps, return_dict=True, verbose=0)
+    from tfpar import summary
 
     result = {
         "config": dataclasses.asdict(config),
-        "strategy": type(strategy).__name__,
-        "replicas": replicas,
-        "precision": policy,
         "task": info.task_name,
+        "is_chief": info.is_chief,
         "num_workers": info.num_workers,
         "versions": summary.versions(),
-        "epochs_done": len(history.history.get("loss", [])),
-        "steps_done": int(model.optimizer.iterations.numpy()),
-        "train_loss": float(history.history["loss"][-1]),
-        "train_accuracy": float(history.history["accuracy"][-1]),
-        "val_loss": float(final["loss"]),
-        "val_accuracy": float(final["accuracy"]),
-        "examples_per_sec": throughput.median_examples_per_sec(),
+        **result,
         "wall_time_sec": time.time() - started,
-        "weights_sha256": summary.weights_checksum(model),
     }
     summary.write_json_atomic(os.path.join(config.model_dir, f"summary.{info.task_name}.json"), result)
-    if chief:
+    if info.is_chief:
         summary.write_json_atomic(os.path.join(config.model_dir, "summary.json"), result)
     return result
