@@ -130,7 +130,25 @@ def _scenarios():
             return inputs + 0.0 * tf.reshape(offset, [])
 
     out["unsupported"] = _fit(keras, strategy, "on", None, extra_layer=HostSide(name="host_side"))
+
+    # The driver (tfpar-train --jit_compile=on) under mirrored.
+    import tempfile
+
+    from tfpar import train
+
+    with tempfile.TemporaryDirectory() as model_dir:
+        result = train.run(_train_config(model_dir, "mirrored", "on", virtual_cpus=2), print_fn=lambda *a: None)
+    out["driver_on"] = {k: result[k] for k in ("jit_compile", "xla_steps", "train_loss", "replicas")}
     return out
+
+
+def _train_config(model_dir, strategy, jit_compile, **overrides):
+    from tfpar import train
+
+    return train.TrainConfig(model="alexnet_bn", width_multiplier=0.125, image_size=32, strategy=strategy,
+                             batch_size=32, epochs=1, steps_per_epoch=2, validation_steps=1, tensorboard=False,
+                             checkpoint_best=False, model_dir=model_dir, jit_compile=jit_compile, verbose=0,
+                             **overrides)
 
 
 def _multi_worker(out_dir):
@@ -219,6 +237,22 @@ def test_uncompilable_layer_falls_back_with_one_warning_naming_it(mirrored):
 @pytest.mark.slow
 def test_auto_is_off_on_cpu_under_mirrored(mirrored):
     assert mirrored["auto_on_cpu"] is False
+
+
+@pytest.mark.slow
+def test_driver_with_jit_on_under_mirrored_records_xla_steps(mirrored):
+    run = mirrored["driver_on"]
+    assert run["replicas"] == 2 and run["jit_compile"] is True
+    assert run["xla_steps"] == {"train": "xla", "test": "xla", "predict": "xla"}
+    assert np.isfinite(run["train_loss"])
+
+
+def test_driver_auto_records_jit_off_on_cpu(tmp_path):
+    from tfpar import train
+
+    result = train.run(_train_config(str(tmp_path), "one_device", "auto"), print_fn=lambda *a: None)
+    assert result["jit_compile"] is False and result["xla_steps"] == {}
+    assert json.loads((tmp_path / "summary.json").read_text())["jit_compile"] is False
 
 
 def test_resolve_modes():
