@@ -142,3 +142,60 @@ def test_ps_topology_succeeds_when_the_chief_does_and_stops_the_servers():
                               "print('coordinator done')"])
     assert code == 0, out
     assert "[chief-0] coordinator done" in out
+
+
+# --- real multi-worker training through the launcher (slow) ------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def epoch_losses(out, task="worker-0"):
+    """Training loss per epoch from the chief's Keras progress lines (val_loss is not matched)."""
+    import re
+
+    return [float(m) for line in out.splitlines() if line.startswith(f"[{task}]")
+            for m in re.findall(r"\bloss: ([0-9.]+)", line)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers,policy", [(2, "float32"), (3, "mixed_bfloat16")])
+def test_tfpar_train_multi_worker_fit_and_evaluate(tmp_path, workers, policy):
+    train = os.path.join(os.path.dirname(sys.executable), "tfpar-train")
+    code, out = run_launcher([
+        "--workers", str(workers), "--timeout", "400", "--", train, "--strategy=multi_worker", "--model=resnet18",
+        "--width_multiplier=0.125", f"--precision={policy}", f"--batch_size={16 * workers}", "--epochs=3",
+        "--steps_per_epoch=4", "--validation_steps=2", "--tensorboard=false", "--verbose=2",
+        f"--model_dir={tmp_path}"], timeout=420)
+    assert code == 0, out[-4000:]
+    summaries = [json.loads((tmp_path / f"summary.worker-{i}.json").read_text()) for i in range(workers)]
+    assert {s["weights_sha256"] for s in summaries} == {summaries[0]["weights_sha256"]}  # identical weights
+    assert all(s["replicas"] == workers and s["num_workers"] == workers for s in summaries)
+    # CollectiveAllReduceStrategy is MultiWorkerMirroredStrategy's class name.
+    assert all(s["strategy"] == "CollectiveAllReduceStrategy" and s["precision"] == policy for s in summaries)
+    assert summaries[0]["steps_done"] == 12
+    assert {s["val_loss"] for s in summaries} == {summaries[0]["val_loss"]}  # evaluate agrees on every worker
+    losses = epoch_losses(out)
+    assert len(losses) == 3 and losses[-1] < losses[0], out[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy,optimizer", [("float32", "SGD"), ("mixed_bfloat16", "SGD")])
+def test_keras_fit_evaluate_predict_under_multi_worker(tmp_path, policy, optimizer):
+    code, out = run_launcher(["--workers", "2", "--timeout", "220", "--", sys.executable,
+                              os.path.join(HERE, "mw_keras_fit.py"), str(tmp_path), f"--precision={policy}"], timeout=240)
+    assert code == 0, out[-4000:]
+    results = [json.loads((tmp_path / f"worker-{i}.json").read_text()) for i in range(2)]
+    assert results[0]["weights_sha256"] == results[1]["weights_sha256"]
+    for r in results:
+        assert r["policy"] == policy and r["optimizer"] == optimizer
+        assert r["loss"][-1] < r["loss"][0]
+        assert r["predictions_shape"] == [64, 2]  # predict gathers every row, in order of the input
+
+
+@pytest.mark.slow
+def test_mixed_float16_under_multi_worker_is_refused_not_left_to_hang(tmp_path):
+    code, out = run_launcher(["--workers", "2", "--timeout", "220", "--", sys.executable,
+                              os.path.join(HERE, "mw_keras_fit.py"), str(tmp_path), "--precision=mixed_float16"],
+                             timeout=240)
+    assert code != 124 and code != 0, out[-4000:]
+    assert "mixed_float16 hangs under multi-worker training with Keras 3" in out

@@ -116,7 +116,7 @@ def for_run(config, model_dir, is_chief, global_batch_size, has_validation, prin
     throughput = ThroughputLogger(
         global_batch_size,  # examples per step; gradient accumulation does not change it
         log_dir=os.path.join(model_dir, "train") if config.tensorboard else None,
-        print_fn=print_fn if speak else None, prefix=prefix,
+        print_fn=print_fn if speak else None, prefix=prefix,  # print_fn=None: silent everywhere
     )
     cbs = [throughput, keras.callbacks.TerminateOnNaN()]
     if config.tensorboard:

@@ -112,8 +112,12 @@ def help_text():
 
 
 def _sentence(err):
-    """absl's messages can span lines (e.g. 'Did you mean'); the CLI shows one sentence."""
-    text = " ".join(str(err).split())
+    """absl's messages can span lines or sentences ('Did you mean'); the CLI shows one sentence."""
+    if isinstance(err, flags.UnrecognizedFlagError):
+        _, _, suggestions = str(err).partition("Did you mean: ")
+        hint = f" (did you mean --{suggestions.rstrip(' ?').split(',')[0].strip()}?)" if suggestions else ""
+        return f"Unknown command line flag '{err.flagname}'{hint}; see tfpar-train --help."
+    text = " ".join(str(err).split()).removeprefix("ERROR:: ")
     return text if text.endswith(".") else text + "."
 
 
@@ -134,10 +138,10 @@ def main(argv=None):
         summary = train.run(config)
     except ValueError as err:
         return fail(str(err))
-    print(
-        f"done: val_accuracy={summary['val_accuracy']:.4f} val_loss={summary['val_loss']:.4f} "
-        f"examples/sec={summary['examples_per_sec'] or 0:.1f} summary={config.model_dir}/summary.json"
-    )
+    shown = {k: summary.get(k) for k in ("val_accuracy", "val_loss", "train_accuracy", "train_loss")}
+    metrics = " ".join(f"{k}={v:.4f}" for k, v in shown.items() if isinstance(v, (int, float)))
+    print(f"done: {metrics} examples/sec={summary.get('examples_per_sec') or 0:.1f} "
+          f"summary={os.path.join(config.model_dir, 'summary.json')}")
     return 0
 
 

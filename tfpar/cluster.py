@@ -1,8 +1,18 @@
-"""Where am I? Cluster discovery from TF_CONFIG (and, later, Slurm, Kubeflow, TPU).
+"""Where am I? Cluster discovery: explicit, TF_CONFIG, Kubeflow, Slurm, TPU.
 
 ``detect()`` returns a small ``ClusterInfo``; nothing here starts servers or
 touches devices, so it is cheap to call and easy to test from environment
-fixtures.
+fixtures. Order (first match wins):
+
+1. an explicit cluster passed in (``ClusterInfo``, TF_CONFIG dict or JSON);
+2. ``TF_CONFIG`` -- source ``kubeflow`` when it runs in a Kubernetes pod (a
+   Kubeflow TFJob sets TF_CONFIG for each replica), else ``tf_config``;
+3. Slurm (``SLURM_PROCID`` + ``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``), laid
+   out as ``SlurmClusterResolver`` does: hosts sorted, ports ``port_base +
+   local task index``; one task per node or one per GPU;
+4. TPU: Colab (``COLAB_TPU_ADDR``), ``TPU_NAME``, or a Cloud TPU VM
+   (``/dev/accel0``, ``/dev/vfio/0`` or ``TPU_ACCELERATOR_TYPE``);
+5. otherwise one local process.
 """
 
 import dataclasses
@@ -10,6 +20,8 @@ import json
 import os
 
 TASK_TYPES = ("chief", "worker", "ps", "evaluator")
+SLURM_PORT_BASE = 8888  # SlurmClusterResolver's default
+TPU_VM_DEVICES = ("/dev/accel0", "/dev/vfio/0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +34,8 @@ class ClusterInfo:
     num_ps: int = 0
     source: str = "local"  # local | explicit | tf_config | slurm | kubeflow | tpu
     cluster_spec: dict = dataclasses.field(default_factory=dict)
+    tpu: str | None = None  # TPU name, grpc:// address, or "local" on a Cloud TPU VM
+    visible_gpus: str | None = None  # Slurm, several tasks per node: this task's GPU ids
 
     @property
     def is_chief(self):
@@ -97,9 +111,119 @@ def from_tf_config(raw, source="tf_config"):
     )
 
 
-def detect(environ=None):
-    """This process's ``ClusterInfo`` from its environment (``os.environ`` by default)."""
+def from_explicit(cluster):
+    """A ``ClusterInfo`` from what a user passed: ``ClusterInfo``, TF_CONFIG dict or JSON string."""
+    if isinstance(cluster, ClusterInfo):
+        return cluster
+    if isinstance(cluster, dict):
+        return from_tf_config(json.dumps(cluster), source="explicit")
+    if isinstance(cluster, str):
+        return from_tf_config(cluster, source="explicit")
+    raise ClusterError(f"cluster must be a ClusterInfo, a TF_CONFIG dict or JSON string, got {type(cluster).__name__}.")
+
+
+def is_kubeflow(env):
+    """A TFJob replica: TF_CONFIG set by the operator inside a Kubernetes pod."""
+    return bool(env.get("TF_CONFIG")) and bool(env.get("KUBERNETES_SERVICE_HOST"))
+
+
+def from_slurm(env, port_base=SLURM_PORT_BASE):
+    """``ClusterInfo`` for a Slurm job step, or ``None`` outside one.
+
+    Same layout as ``tf.distribute.cluster_resolver.SlurmClusterResolver``,
+    read from the environment only (no ``scontrol``). With several tasks on a
+    node and ``SLURM_GPUS_ON_NODE`` known, each task gets an equal share of
+    the node's GPUs in ``visible_gpus`` unless Slurm already bound them
+    (``CUDA_VISIBLE_DEVICES`` set).
+    """
+    if "SLURM_PROCID" not in env:
+        return None
+    from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
+        expand_hostlist, expand_tasks_per_node)
+
+    def number(name, value):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ClusterError(f"{name}={value!r} is not an integer.") from None
+
+    num_tasks = number("SLURM_STEP_NUM_TASKS", env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    rank = number("SLURM_PROCID", env["SLURM_PROCID"])
+    if num_tasks <= 1:
+        return ClusterInfo(source="slurm")
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if not nodelist or not per_node:
+        raise ClusterError("Slurm step has several tasks but no SLURM_STEP_NODELIST / SLURM_STEP_TASKS_PER_NODE.")
+    try:
+        hosts = expand_hostlist(nodelist)
+        counts = expand_tasks_per_node(per_node)
+    except ValueError as err:
+        raise ClusterError(f"Cannot read the Slurm node list: {err}.") from None
+    if len(hosts) != len(counts) or sum(counts) != num_tasks:
+        raise ClusterError(f"Slurm lists {len(hosts)} node(s) with {sum(counts)} task(s) ({per_node}), "
+                           f"but the step has {num_tasks} task(s).")
+    if not 0 <= rank < num_tasks:
+        raise ClusterError(f"SLURM_PROCID={rank} is out of range for {num_tasks} task(s).")
+    addresses, locals_ = [], []
+    for host, count in sorted(zip(hosts, counts)):
+        for local in range(count):
+            addresses.append(f"{host}:{port_base + local}")
+            locals_.append((local, count))
+    local, on_node = locals_[rank]
+    visible = None
+    gpus_on_node = env.get("SLURM_GPUS_ON_NODE")
+    if on_node > 1 and gpus_on_node and not env.get("CUDA_VISIBLE_DEVICES"):
+        share = number("SLURM_GPUS_ON_NODE", gpus_on_node) // on_node
+        if share >= 1:
+            visible = ",".join(str(g) for g in range(local * share, (local + 1) * share))
+    return ClusterInfo(task_type="worker", task_index=rank, num_workers=num_tasks, source="slurm",
+                       cluster_spec={"worker": addresses}, visible_gpus=visible)
+
+
+def from_tpu_env(env, path_exists=os.path.exists):
+    """``ClusterInfo`` with source ``tpu`` when a TPU is reachable, else ``None``."""
+    if env.get("COLAB_TPU_ADDR"):
+        return ClusterInfo(source="tpu", tpu=f"grpc://{env['COLAB_TPU_ADDR']}")
+    if env.get("TPU_NAME"):
+        return ClusterInfo(source="tpu", tpu=env["TPU_NAME"])
+    if env.get("TPU_ACCELERATOR_TYPE") or any(path_exists(p) for p in TPU_VM_DEVICES):
+        return ClusterInfo(source="tpu", tpu="local")
+    return None
+
+
+def detect(cluster=None, environ=None, path_exists=os.path.exists):
+    """This process's ``ClusterInfo``: ``cluster`` if given, else from the environment."""
+    if cluster is not None:
+        return from_explicit(cluster)
     env = os.environ if environ is None else environ
     if env.get("TF_CONFIG"):
-        return from_tf_config(env["TF_CONFIG"])
-    return ClusterInfo()
+        return from_tf_config(env["TF_CONFIG"], source="kubeflow" if is_kubeflow(env) else "tf_config")
+    return from_slurm(env) or from_tpu_env(env, path_exists) or ClusterInfo()
+
+
+def tpu_address(tpu=None, cluster=None, environ=None, path_exists=os.path.exists):
+    """The ``tpu`` argument for ``TPUClusterResolver``: the one given, else the detected one."""
+    if tpu:
+        return tpu
+    info = cluster if cluster is not None else detect(environ=environ, path_exists=path_exists)
+    if info.tpu:
+        return info.tpu
+    raise ValueError("No TPU found: pass tpu='name or grpc://host:port', or run on Colab, "
+                     "with TPU_NAME set, or on a Cloud TPU VM.")
+
+
+def tpu_resolver(tpu=None, cluster=None):
+    """A ``TPUClusterResolver`` for the given or detected TPU (used by ``strategies.create('tpu')``)."""
+    import tensorflow as tf
+
+    return tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu_address(tpu, cluster))
+
+
+def pin_gpus(info, environ=None):
+    """Restrict this task to its GPU share (Slurm, several tasks per node) before TF sees devices."""
+    env = os.environ if environ is None else environ
+    if info.visible_gpus and not env.get("CUDA_VISIBLE_DEVICES"):
+        env["CUDA_VISIBLE_DEVICES"] = info.visible_gpus
+        return True
+    return False

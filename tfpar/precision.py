@@ -7,6 +7,7 @@ scale on request.
 """
 
 import logging
+import os
 
 import keras
 import tensorflow as tf
@@ -26,6 +27,12 @@ def cpu_has_native_bf16():
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+def onednn_enabled(environ=None):
+    """TF's x86 CPU build computes bf16 through oneDNN, on unless TF_ENABLE_ONEDNN_OPTS=0."""
+    env = os.environ if environ is None else environ
+    return env.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() not in ("0", "false")
+
+
 def _gpu_compute_capability():
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
@@ -34,20 +41,41 @@ def _gpu_compute_capability():
     return details.get("compute_capability")
 
 
+def float16_hangs_with(strategy):
+    """True where Keras 3's loss-scaled float16 fit is known to hang: multi-worker collectives.
+
+    Measured on TF 2.21 + Keras 3.15: two MultiWorkerMirroredStrategy workers
+    never finished ``fit`` under mixed_float16 (mixed_bfloat16 and float32 did).
+    Keras's LossScaleOptimizer runs the gradient all-reduce inside a ``cond``
+    on each worker's own finiteness check.
+    """
+    import keras as keras_module
+
+    return (keras_module.__version__.startswith("3.")
+            and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
 def resolve(policy="auto", strategy=None):
     """The concrete policy name ``auto`` stands for on this machine."""
     if policy not in POLICIES:
         raise ValueError(f"Unknown precision {policy!r}; choose one of: {', '.join(POLICIES)}.")
+    strategy = strategy or tf.distribute.get_strategy()
+    if policy == "mixed_float16" and float16_hangs_with(strategy):
+        raise ValueError("mixed_float16 hangs under multi-worker training with Keras 3 (LossScaleOptimizer); "
+                         "use mixed_bfloat16 or float32.")
     if policy != "auto":
         return policy
-    if strategy is not None and isinstance(strategy, tf.distribute.TPUStrategy):
+    if isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)):
         return "mixed_bfloat16"
     capability = _gpu_compute_capability()
     if capability is not None:
+        if float16_hangs_with(strategy):
+            return "mixed_bfloat16" if capability >= (8, 0) else "float32"
         return "mixed_float16" if capability >= (7, 0) else "float32"
-    # On CPUs bf16 is only worth it with native instructions and tfpar's fused
-    # BatchNormalization (DESIGN.md items 8 and 10).
-    return "mixed_bfloat16" if cpu_has_native_bf16() else "float32"
+    # On CPUs bf16 is only faster with native instructions reached through
+    # oneDNN, and with tfpar's fused BatchNormalization (DESIGN.md items 8, 10).
+    return "mixed_bfloat16" if cpu_has_native_bf16() and onednn_enabled() else "float32"
 
 
 def apply(policy="auto", strategy=None):
@@ -66,7 +94,8 @@ def loss_scale_optimizer(optimizer, initial_scale=2.0**15, dynamic=True):
     """
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return optimizer
-    # A fixed scale is a dynamic one that never grows: it only shrinks on
-    # overflow, which a fixed scale must also do to skip non-finite steps.
+    # Keras has no fixed-scale mode: "fixed" here never grows. On overflow
+    # Keras still halves the scale and skips that step, which is what keeps a
+    # non-finite update out of the weights.
     growth = 2**62 if not dynamic else 2000
     return keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=initial_scale, dynamic_growth_steps=growth)

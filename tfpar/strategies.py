@@ -17,10 +17,10 @@ MULTI_WORKER_ALL_REDUCE = ("auto", "ring", "nccl")
 
 # Which options each strategy takes; anything else is a user mistake.
 _OPTIONS = {
-    "auto": {"devices", "virtual_cpus", "cluster", "communication_timeout", "fp16_all_reduce"},
+    "auto": {"devices", "virtual_cpus", "cluster", "communication_timeout", "tpu"},
     "one_device": {"devices", "virtual_cpus"},
     "mirrored": {"devices", "virtual_cpus", "all_reduce", "num_packs"},
-    "multi_worker": {"all_reduce", "communication_timeout", "fp16_all_reduce", "cluster", "virtual_cpus"},
+    "multi_worker": {"all_reduce", "communication_timeout", "bytes_per_pack", "cluster", "virtual_cpus"},
     "tpu": {"tpu", "cluster"},
     "parameter_server": {"cluster", "num_ps_shards", "min_shard_bytes"},
 }
@@ -81,8 +81,11 @@ def _mirrored(devices, all_reduce, num_packs):
     all_reduce = all_reduce or "auto"
     if all_reduce not in MIRRORED_ALL_REDUCE:
         raise ValueError(f"all_reduce for mirrored must be one of {list(MIRRORED_ALL_REDUCE)}, got {all_reduce!r}.")
-    if num_packs is not None and (not isinstance(num_packs, int) or num_packs < 0):
-        raise ValueError(f"num_packs must be an int >= 0, got {num_packs!r}.")
+    if num_packs is not None:
+        if all_reduce not in ("nccl", "hierarchical_copy"):
+            raise ValueError(f"num_packs applies to all_reduce nccl or hierarchical_copy, not {all_reduce!r}.")
+        if not isinstance(num_packs, int) or isinstance(num_packs, bool) or num_packs < 0:
+            raise ValueError(f"num_packs must be an int >= 0, got {num_packs!r}.")
     packs = 1 if num_packs is None else num_packs
     ops = {
         "auto": None,
@@ -91,22 +94,32 @@ def _mirrored(devices, all_reduce, num_packs):
         "reduce_to_one_device": lambda: tf.distribute.ReductionToOneDevice(),
     }[all_reduce]
     devices = list(devices) if devices else local_devices()
-    if ops is None and all(":CPU:" in d.upper() for d in devices):
+    on_cpus = all(":CPU:" in d.upper() for d in devices)
+    if all_reduce == "nccl" and on_cpus:
+        raise ValueError("all_reduce='nccl' needs GPUs; on CPU devices use 'auto' or 'reduce_to_one_device'.")
+    if ops is None and on_cpus:
         ops = tf.distribute.ReductionToOneDevice  # NCCL cannot reduce between CPU devices
     return tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=ops() if ops else None)
 
 
-def communication_options(all_reduce="auto", communication_timeout=None, fp16_all_reduce=False):
-    """``tf.distribute.experimental.CommunicationOptions`` for collectives.
+def communication_options(all_reduce="auto", communication_timeout=None, bytes_per_pack=None):
+    """``tf.distribute.experimental.CommunicationOptions`` for multi-worker collectives.
 
-    ``fp16_all_reduce`` halves gradient traffic between workers by all-reducing
-    in float16 (DESIGN.md item 12: gRPC all-reduce dominated small-image runs).
+    ``bytes_per_pack`` packs gradients into chunks of this size per
+    all-reduce (fewer, larger messages; DESIGN.md item 12). Float16 gradient
+    all-reduce is not offered: TF's CommunicationOptions has no compression
+    field, and Keras 3 all-reduces inside a private optimizer method.
     """
     all_reduce = all_reduce or "auto"
     if all_reduce not in MULTI_WORKER_ALL_REDUCE:
         raise ValueError(f"all_reduce for multi_worker must be one of {list(MULTI_WORKER_ALL_REDUCE)}, got {all_reduce!r}.")
-    if communication_timeout is not None and not (communication_timeout > 0):
+    if communication_timeout is not None and (
+            isinstance(communication_timeout, bool) or not isinstance(communication_timeout, (int, float))
+            or not communication_timeout > 0):
         raise ValueError(f"communication_timeout must be a positive number of seconds, got {communication_timeout!r}.")
+    if bytes_per_pack is not None and (not isinstance(bytes_per_pack, int) or isinstance(bytes_per_pack, bool)
+                                       or bytes_per_pack < 0):
+        raise ValueError(f"bytes_per_pack must be an int >= 0 (0: one pack), got {bytes_per_pack!r}.")
     impl = {
         "auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
         "ring": tf.distribute.experimental.CommunicationImplementation.RING,
@@ -115,13 +128,13 @@ def communication_options(all_reduce="auto", communication_timeout=None, fp16_al
     kwargs = {"implementation": impl}
     if communication_timeout:
         kwargs["timeout_seconds"] = float(communication_timeout)
-    if fp16_all_reduce:
-        kwargs["bytes_per_pack"] = 32 * 1024 * 1024
+    if bytes_per_pack:
+        kwargs["bytes_per_pack"] = bytes_per_pack
     return tf.distribute.experimental.CommunicationOptions(**kwargs)
 
 
 def create(name="auto", *, devices=None, virtual_cpus=None, all_reduce=None, num_packs=None,
-           communication_timeout=None, fp16_all_reduce=None, cluster=None, tpu=None,
+           communication_timeout=None, bytes_per_pack=None, cluster=None, tpu=None,
            num_ps_shards=None, min_shard_bytes=None):
     """Create the ``tf.distribute.Strategy`` called ``name``.
 
@@ -135,8 +148,9 @@ def create(name="auto", *, devices=None, virtual_cpus=None, all_reduce=None, num
         multi_worker: auto|ring|nccl.
       num_packs: gradient packs for mirrored's nccl / hierarchical_copy.
       communication_timeout: seconds before a multi-worker collective fails.
-      fp16_all_reduce: all-reduce gradients in float16 between workers.
-      cluster: a ``tfpar.cluster.ClusterInfo``; default ``cluster.detect()``.
+      bytes_per_pack: multi_worker gradient pack size in bytes (0/None: TF's default).
+      cluster: a ``tfpar.cluster.ClusterInfo`` (or TF_CONFIG dict/JSON);
+        default ``cluster.detect()``.
       tpu: TPU name or address for ``tpu`` (default: detected).
       num_ps_shards, min_shard_bytes: variable partitioning for parameter_server.
 
@@ -144,20 +158,24 @@ def create(name="auto", *, devices=None, virtual_cpus=None, all_reduce=None, num
       A plain ``tf.distribute.Strategy``.
     """
     options = dict(devices=devices, virtual_cpus=virtual_cpus, all_reduce=all_reduce, num_packs=num_packs,
-                   communication_timeout=communication_timeout, fp16_all_reduce=fp16_all_reduce,
+                   communication_timeout=communication_timeout, bytes_per_pack=bytes_per_pack,
                    cluster=cluster, tpu=tpu, num_ps_shards=num_ps_shards, min_shard_bytes=min_shard_bytes)
     _check(name, options)
+    if cluster is not None:
+        from tfpar import cluster as cluster_lib
+
+        cluster = cluster_lib.detect(cluster)
     if virtual_cpus is not None:
         configure_virtual_cpus(virtual_cpus)
     if name == "auto":
-        name = _auto_name(cluster)
+        name = _auto_name(cluster, tpu)
         log.info("strategy=auto chose %s", name)
     if name == "one_device":
         strategy = _one_device(devices)
     elif name == "mirrored":
         strategy = _mirrored(devices, all_reduce, num_packs)
     elif name == "multi_worker":
-        strategy = _multi_worker(cluster, all_reduce, communication_timeout, fp16_all_reduce)
+        strategy = _multi_worker(cluster, all_reduce, communication_timeout, bytes_per_pack)
     elif name == "tpu":
         strategy = _tpu(cluster, tpu)
     else:
@@ -166,12 +184,14 @@ def create(name="auto", *, devices=None, virtual_cpus=None, all_reduce=None, num
     return strategy
 
 
-def _auto_name(cluster):
+def _auto_name(cluster, tpu=None):
     from tfpar import cluster as cluster_lib
 
     info = cluster or cluster_lib.detect()
-    if info.source == "tpu":
+    if tpu or info.source == "tpu":
         return "tpu"
+    if info.num_ps > 0:
+        return "parameter_server"
     if info.num_workers > 1:
         return "multi_worker"
     if len(tf.config.list_logical_devices("GPU")) > 1:
@@ -179,18 +199,15 @@ def _auto_name(cluster):
     return "one_device"
 
 
-def _multi_worker(cluster, all_reduce, communication_timeout, fp16_all_reduce):
+def _multi_worker(cluster, all_reduce, communication_timeout, bytes_per_pack):
     from tfpar import compat
     from tfpar import cluster as cluster_lib
 
+    options = communication_options(all_reduce, communication_timeout, bytes_per_pack)
     info = cluster or cluster_lib.detect()
-    resolver = info.resolver()
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(
-        cluster_resolver=resolver,
-        communication_options=communication_options(all_reduce, communication_timeout, fp16_all_reduce),
-    )
-    compat.apply()
-    return strategy
+    cluster_lib.pin_gpus(info)  # Slurm, one task per GPU: before TF sees the devices
+    compat.apply()  # Keras 3 needs these for fit/evaluate/predict under this strategy
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=info.resolver(), communication_options=options)
 
 
 def _tpu(cluster, tpu):

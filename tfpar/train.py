@@ -25,10 +25,11 @@ DEFAULT_GLOBAL_BATCH = 64
 # print_fn)`` with a validated ``TrainConfig`` and ``tfpar.cluster.ClusterInfo``
 # and returns a dict of results (keys as ``fit_loop`` returns; at least
 # strategy, replicas, precision, epochs_done, steps_done). ``run()`` adds config,
-# versions, task and wall time, and writes the summaries. Add one line each:
-#     "dtensor": "tfpar.sharding:train",
-#     "parameter_server": "tfpar.parameter_server:train",
-TRAINING_LOOPS = {}
+# versions, task and wall time, and writes the summaries.
+TRAINING_LOOPS = {
+    "dtensor": "tfpar.sharding:train",
+    "parameter_server": "tfpar.parameter_server:run_config",
+}
 OWN_LOOP_STRATEGIES = ("dtensor", "parameter_server")  # Keras fit cannot train these (DESIGN items 4, 5)
 
 
@@ -239,7 +240,10 @@ def build_model(config):
 
 
 def fit_loop(config, info, print_fn=print):
-    """The Keras ``fit`` path for every tf.distribute strategy that ``fit`` supports."""
+    """The Keras ``fit`` path for every tf.distribute strategy that ``fit`` supports.
+
+    ``print_fn=None`` keeps tfpar's own lines quiet (``config.verbose`` governs Keras's).
+    """
     from tfpar import data
 
     source = data.inspect(config.data, config.num_classes, config.seed)  # before TF touches devices
@@ -269,7 +273,7 @@ def fit_loop(config, info, print_fn=print):
     model_dir = config.model_dir if chief else os.path.join(config.model_dir, "workers", info.task_name)
     cbs, throughput = callbacks.for_run(config, model_dir, chief, global_batch, pipes.val is not None,
                                         print_fn=print_fn, task_name=info.task_name)
-    if chief or config.log_all_workers:
+    if print_fn and (chief or config.log_all_workers):
         print_fn(f"{type(strategy).__name__}: {replicas} replica(s), global batch {global_batch}, "
                  f"precision {policy}, peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
     try:
@@ -304,7 +308,7 @@ def fit_loop(config, info, print_fn=print):
         "val_loss": float(final["loss"]) if final else None,
         "val_accuracy": float(final["accuracy"]) if final else None,
         "examples_per_sec": throughput.median_examples_per_sec(),
-        "throughput_per_epoch": throughput.epochs,
+        "throughput": throughput.epochs,  # per epoch: examples_per_sec, step_time_ms, steps
         "weights_sha256": summary.weights_checksum(model),
     }
 
