@@ -260,7 +260,10 @@ def test_resolve_modes():
 
     assert xla.resolve("on") is True and xla.resolve("off") is False
     assert xla.resolve(True) is True
+    import tensorflow as tf
+
     assert xla.resolve("auto") is False  # this test machine has no GPU or TPU
+    assert xla.resolve("auto", tf.distribute.get_strategy()) is False  # the default strategy
     with pytest.raises(ValueError, match="jit_compile"):
         xla.resolve("yes")
 

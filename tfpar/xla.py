@@ -63,9 +63,9 @@ def resolve(jit_compile="auto", strategy=None):
         return jit_compile == "on"
     if strategy is not None and isinstance(strategy, tf.distribute.TPUStrategy):
         return True
-    if strategy is not None:
+    try:
         devices = list(strategy.extended.worker_devices)
-    else:
+    except (AttributeError, RuntimeError, NotImplementedError):  # None or the default strategy
         devices = [d.name for d in tf.config.list_logical_devices()]
     return any(":GPU:" in d.upper() or ":TPU:" in d.upper() for d in devices)
 
