@@ -50,7 +50,7 @@ _HELP = {
     "weight_decay": "L2 factor on kernels for sgd/adam; decoupled weight decay for adamw.",
     "grad_accum_steps": "Average gradients over this many steps per optimizer update (Keras "
                         "gradient_accumulation_steps), for global batches larger than memory allows.",
-    "jit_compile": "XLA: auto (off on CPU-only machines, else Keras decides), on or off.",
+    "jit_compile": "XLA for the per-replica step: auto (on for GPU/TPU, off for CPU), on or off.",
     "steps_per_execution": "Training steps run per tf.function call (fewer Python round trips).",
     "model_dir": "Where TensorBoard logs, best.weights.h5 and summary.json go.",
     "tensorboard": "Write TensorBoard event files (scalars, throughput) under model_dir.",
