@@ -25,7 +25,6 @@ def main(out_path):
         mesh_error = str(err)
     import keras
     import numpy as np
-    import tensorflow as tf
 
     from tfpar import models
     from tfpar.sharding import variables

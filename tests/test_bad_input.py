@@ -8,12 +8,11 @@ virtual CPUs) run the console script.
 import json
 import os
 import pickle
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+from processes import quiet_env, run_reaped, tfpar_train_command
 
 from tfpar import backup, cli, train
 
@@ -219,19 +218,8 @@ def test_virtual_cpus_after_devices_are_initialised(tmp_path, capsys):
 
 
 def _console(args, timeout=300):
-    script = os.path.join(os.path.dirname(sys.executable), "tfpar-train")
-    command = [script] if os.path.exists(script) else [sys.executable, "-m", "tfpar.cli"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    proc = subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode, err
+    code, _, err = run_reaped(tfpar_train_command() + args, timeout, env=quiet_env())
+    return code, err
 
 
 FRESH_PROCESS_CASES = {

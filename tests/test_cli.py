@@ -3,11 +3,10 @@
 import dataclasses
 import json
 import os
-import signal
-import subprocess
-import sys
 
 import pytest
+
+from processes import quiet_env, run_reaped, tfpar_train_command
 
 from tfpar import cli
 from tfpar.train import TrainConfig
@@ -18,19 +17,7 @@ TINY = ["--model=resnet18", "--width_multiplier=0.125", "--image_size=16", "--ep
 
 def tfpar_train(args, timeout=420):
     """Run the installed console script (or ``-m tfpar.cli``) in its own process group; always reaped."""
-    script = os.path.join(os.path.dirname(sys.executable), "tfpar-train")
-    command = [script] if os.path.exists(script) else [sys.executable, "-m", "tfpar.cli"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    proc = subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode, out, err
+    return run_reaped(tfpar_train_command() + args, timeout, env=quiet_env())
 
 
 def error_line(stderr):

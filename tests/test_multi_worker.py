@@ -14,21 +14,16 @@ import time
 
 import pytest
 
+from processes import run_reaped
+
 from tfpar import cluster, launcher
 
 LAUNCH = [sys.executable, "-m", "tfpar.launcher"]
 
 
 def run_launcher(args, timeout=120, **kwargs):
-    proc = subprocess.Popen(LAUNCH + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kwargs)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode, out
+    code, out, _ = run_reaped(LAUNCH + args, timeout, merge_output=True, **kwargs)
+    return code, out
 
 
 def pid_alive(pid):

@@ -16,6 +16,8 @@ import sys
 import numpy as np
 import pytest
 
+from processes import quiet_env, run_reaped
+
 from tfpar import sharding
 from tfpar.sharding import meshes, report
 from tfpar.sharding import rules as rules_lib
@@ -180,16 +182,7 @@ def test_mesh_that_does_not_match_the_devices_is_a_clear_error(worker_result):
 
 # ----- tfpar-train --strategy=dtensor ---------------------------------------
 def _cli(args, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.Popen([sys.executable, "-m", "tfpar.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode, out, err
+    return run_reaped([sys.executable, "-m", "tfpar.cli", *args], timeout, env=quiet_env())
 
 
 @pytest.mark.slow

@@ -1,0 +1,37 @@
+"""Run a test's child process in its own process group, bounded in time, always reaped."""
+
+import os
+import signal
+import subprocess
+import sys
+
+
+def run_reaped(command, timeout, env=None, merge_output=False, **kwargs):
+    """Run ``command``; return ``(returncode, stdout, stderr)``.
+
+    The child gets its own session, so on a timeout (or any error) the whole
+    group, workers included, is SIGKILLed before this returns.
+    """
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+                            text=True, env=env, start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out, err or ""
+
+
+def tfpar_train_command():
+    """The installed ``tfpar-train`` console script, or ``python -m tfpar.cli``."""
+    script = os.path.join(os.path.dirname(sys.executable), "tfpar-train")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "tfpar.cli"]
+
+
+def quiet_env(**extra):
+    """This environment without TF_CONFIG and with TF's C++ logs quiet."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    env.pop("TF_CONFIG", None)
+    return env
