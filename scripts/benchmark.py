@@ -38,8 +38,12 @@ RESNET50_MACS_224 = 4.09e9
 
 # --------------------------------------------------------------------------- one measurement
 
-def _window_timer(keras_module, batch, warmup_windows):
-    """A Callback class (for Keras 3 or tf_keras) timing each epoch as one window."""
+def _window_timer(keras_module, batch, warmup_windows, skip_steps=2):
+    """A Callback (for Keras 3 or tf_keras) timing each epoch as one window.
+
+    Same window as tfpar's ThroughputLogger: the first ``skip_steps`` steps of
+    an epoch are left out, the clock stops at the last training batch.
+    """
 
     class WindowTimer(keras_module.callbacks.Callback):
         def __init__(self):
@@ -51,12 +55,13 @@ def _window_timer(keras_module, batch, warmup_windows):
 
         def on_train_batch_end(self, step, logs=None):
             self._steps += 1
-            if self._steps == 1:  # the first step of a window holds pipeline/trace hiccups
-                self._t0 = time.perf_counter()
+            self._t1 = time.perf_counter()
+            if self._steps == skip_steps:
+                self._t0 = self._t1
 
         def on_epoch_end(self, epoch, logs=None):
-            if epoch >= warmup_windows and self._steps > 1:
-                self.rates.append((self._steps - 1) * batch / (time.perf_counter() - self._t0))
+            if epoch >= warmup_windows and self._steps > skip_steps:
+                self.rates.append((self._steps - skip_steps) * batch / (self._t1 - self._t0))
 
     return WindowTimer()
 
@@ -105,7 +110,7 @@ def _measure_tfpar(case):
     result = train.run(config, print_fn=None)
     per_epoch = [e["examples_per_sec"] for e in result["throughput"]][case["warmup_windows"]:]
     return {"rates": per_epoch, "replicas": result["replicas"], "precision": result["precision"],
-            "jit_compile": result["config"].get("jit_compile")}
+            "jit_compile": result.get("jit_compile")}
 
 
 def _measure_plain(case, tf_keras):

@@ -37,11 +37,12 @@ class ThroughputLogger(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1
+        self._last = time.perf_counter()  # the epoch's validation pass, which follows, is not training time
         if self._step == self.skip_steps:
-            self._start = time.perf_counter()
+            self._start = self._last
 
     def on_epoch_end(self, epoch, logs=None):
-        now = time.perf_counter()
+        now = getattr(self, "_last", None) or time.perf_counter()
         timed = self._step - self.skip_steps
         if self._start is None or timed < 1:
             timed, elapsed = self._step, now - self._epoch_start  # too few steps to skip any
