@@ -32,7 +32,7 @@ class ThroughputLogger(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._step = 0
-        self._start = None
+        self._start = self._last = None
         self._epoch_start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -42,7 +42,7 @@ class ThroughputLogger(keras.callbacks.Callback):
             self._start = self._last
 
     def on_epoch_end(self, epoch, logs=None):
-        now = getattr(self, "_last", None) or time.perf_counter()
+        now = self._last or time.perf_counter()
         timed = self._step - self.skip_steps
         if self._start is None or timed < 1:
             timed, elapsed = self._step, now - self._epoch_start  # too few steps to skip any
