@@ -110,7 +110,7 @@ def test_float16_overflow_on_one_worker_is_skipped_by_both(tmp_path):
 @pytest.mark.slow
 def test_without_the_loss_scale_fix_one_overflowing_worker_hangs_the_job(tmp_path):
     # Bounded by the launcher's --timeout: exit 124 means the workers were stuck.
-    code, out = launch_two_workers(tmp_path, script="mw_fp16_overflow.py", timeout=80,
+    code, out = launch_two_workers(tmp_path, script="mw_fp16_overflow.py", timeout=60,
                                    env={compat.DISABLE_ENV: "loss_scale_finite_agreement"})
     assert code == 124, out[-3000:]
     assert not (tmp_path / "worker-0.json").exists()
