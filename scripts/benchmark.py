@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import subprocess
@@ -104,7 +105,8 @@ def _measure_tfpar(case):
         strategy=case.get("strategy", "one_device"), virtual_cpus=case.get("virtual_cpus"),
         precision=case.get("precision", "float32"), data="synthetic", batch_size=case["batch"],
         epochs=windows, steps_per_epoch=case["steps"], validation_steps=1, optimizer="sgd",
-        learning_rate=0.01, model_dir=case["model_dir"], tensorboard=False, verbose=0,
+        learning_rate=0.01, model_dir=case["model_dir"], tensorboard=False, checkpoint_best=False, verbose=0,
+        backup_freq="none",
         **({"jit_compile": case["jit_compile"]} if "jit_compile" in case else {}),
     )
     result = train.run(config, print_fn=None)
@@ -159,10 +161,19 @@ def run_case(case, timeout=1200):
         if case.get("workers", 1) > 1:
             argv = [sys.executable, "-m", "tfpar.launcher", "--workers", str(case["workers"]), "--"] + argv
         started = time.time()
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
-        lines = [l for l in proc.stdout.splitlines() if "BENCHMARK_RESULT " in l]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            stdout, stderr = "", f"timed out after {timeout} s"
+        finally:
+            if proc.poll() is None:  # a timeout or Ctrl-C: take the workers down too
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        lines = [l for l in stdout.splitlines() if "BENCHMARK_RESULT " in l]
         if proc.returncode != 0 or not lines:
-            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+            tail = "\n".join((stdout + stderr).splitlines()[-15:])
             return {"name": case["name"], "error": f"exit {proc.returncode}", "log_tail": tail}
     # Workers run in lock-step on the global batch, so any one of them (the first
     # to print) measures the job's rate.
@@ -181,7 +192,7 @@ def run_case(case, timeout=1200):
 def suites(name):
     """Comparisons: name -> (list of cases, how to read them)."""
     quick = name == "quick"
-    w, s = (2, 4) if quick else (4, 8)
+    w, s = (2, 4) if quick else (3, 8)
     base = dict(windows=w, warmup_windows=1, steps=s, classes=10)
     r18 = dict(base, model="resnet18", image=32, batch=32 if quick else 64)
     # ResNet-50 above 64 px so that both sides use the ImageNet stem (7x7/2 + max-pool).
