@@ -124,6 +124,31 @@ def test_sigterm_stops_everything(tmp_path):
     assert not any(pid_alive(p) for p in pids)
 
 
+def test_sigterm_to_the_launcher_gives_workers_time_to_save(tmp_path):
+    # A worker that needs longer than the failure-stop grace (5 s) to save after SIGTERM.
+    saver = (f"import json, os, signal, sys, time\n"
+             f"index = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
+             f"def save(*_):\n"
+             f"    time.sleep(7); open(os.path.join({str(tmp_path)!r}, f'saved-{{index}}'), 'w').close(); sys.exit(75)\n"
+             f"signal.signal(signal.SIGTERM, save)\n"
+             f"open(os.path.join({str(tmp_path)!r}, 'up'), 'a').write('x')\n"
+             f"time.sleep(300)\n")
+    proc = subprocess.Popen(LAUNCH + ["--workers", "2", "--", sys.executable, "-c", saver],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((tmp_path / "up").exists() and len((tmp_path / "up").read_text()) == 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert sorted(p.name for p in tmp_path.glob("saved-*")) == ["saved-0", "saved-1"], out
+
+
 def test_timeout_exits_124():
     code, out = run_launcher(["--workers", "2", "--timeout", "2", "--", "sleep", "300"])
     assert code == 124, out

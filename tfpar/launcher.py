@@ -25,7 +25,8 @@ import threading
 import time
 
 HOST = "127.0.0.1"
-STOP_GRACE_SEC = 5.0
+STOP_GRACE_SEC = 5.0  # after a task failed: its peers are stuck in collectives, no save is coming
+PREEMPT_GRACE_SEC = 30.0  # after the launcher itself got SIGTERM/Ctrl-C: tfpar-train saves a backup (25 s grace)
 EXIT_TIMEOUT = 124
 
 DESCRIPTION = """\
@@ -162,6 +163,7 @@ class Supervisor:
         self.procs = {}  # task name -> Popen
         self.restarts = 0  # whole-cluster restarts so far
         self.fresh_ports = fresh_ports
+        self.stop_grace = STOP_GRACE_SEC  # SIGTERM-to-SIGKILL wait; longer when the launcher is preempted
         self._lock = threading.Lock()
         self._readers = []
 
@@ -195,7 +197,7 @@ class Supervisor:
                     os.killpg(proc.pid, sig)
                 except ProcessLookupError:
                     pass
-            deadline = time.monotonic() + STOP_GRACE_SEC
+            deadline = time.monotonic() + (self.stop_grace if sig == signal.SIGTERM else STOP_GRACE_SEC)
             while time.monotonic() < deadline and any(p.poll() is None for p in live):
                 time.sleep(0.05)
             live = [p for p in live if p.poll() is None]
@@ -311,7 +313,8 @@ def main(argv=None):
     def on_signal(signum, frame):
         for sig in (signal.SIGINT, signal.SIGTERM):  # one stop is enough; stop_all escalates itself
             signal.signal(sig, signal.SIG_IGN)
-        supervisor._print(f"[launcher] got signal {signum}; stopping all tasks\n")
+        supervisor._print(f"[launcher] got signal {signum}; stopping all tasks (they may save a backup first)\n")
+        supervisor.stop_grace = PREEMPT_GRACE_SEC
         raise SystemExit(128 + signum)  # unwinds through Supervisor.run's finally: stop_all
 
     for sig in (signal.SIGINT, signal.SIGTERM):
