@@ -12,7 +12,7 @@ import pickle
 import numpy as np
 import pytest
 
-from processes import quiet_env, run_reaped, tfpar_train_command
+from helpers import quiet_env, run_reaped, tfpar_train_command
 
 from tfpar import backup, cli, train
 

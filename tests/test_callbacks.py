@@ -5,7 +5,8 @@ import os
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+
+from helpers import event_scalars
 
 from tfpar import callbacks
 from tfpar.train import TrainConfig
@@ -17,21 +18,7 @@ def tiny_model():
     return model
 
 
-def scalars(log_dir):
-    """{tag: [values]} from every event file under ``log_dir``."""
-    found = {}
-    for root, _, files in os.walk(log_dir):
-        for name in files:
-            if name.startswith("events.out.tfevents"):
-                for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
-                    for value in event.summary.value:
-                        if value.metadata.plugin_data.plugin_name != "scalars":
-                            continue  # Keras also writes the model config as text
-                        found.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
-    return found
-
-
-def test_throughput_logger_records_epochs_and_writes_scalars(tmp_path):
+def test_throughput_logger_records_epochs_and_writes_event_scalars(tmp_path):
     x, y = np.random.rand(64, 4).astype("float32"), np.random.randint(0, 3, 64)
     lines = []
     logger = callbacks.ThroughputLogger(8, skip_steps=2, log_dir=str(tmp_path), print_fn=lines.append, prefix="[w1] ")
@@ -40,7 +27,7 @@ def test_throughput_logger_records_epochs_and_writes_scalars(tmp_path):
     assert all(e["examples_per_sec"] > 0 and e["step_time_ms"] > 0 for e in logger.epochs)
     assert logger.median_examples_per_sec() == sorted(e["examples_per_sec"] for e in logger.epochs)[1]
     assert len(lines) == 3 and lines[0].startswith("[w1] epoch 1: ")
-    found = scalars(tmp_path)
+    found = event_scalars(tmp_path)
     assert len(found["throughput/examples_per_sec"]) == 3
     assert found["throughput/examples_per_sec"] == pytest.approx([e["examples_per_sec"] for e in logger.epochs])
 

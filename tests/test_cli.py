@@ -6,7 +6,9 @@ import os
 
 import pytest
 
-from processes import quiet_env, run_reaped, tfpar_train_command
+from helpers import event_scalars
+
+from helpers import quiet_env, run_reaped, tfpar_train_command
 
 from tfpar import cli
 from tfpar.train import TrainConfig
@@ -89,21 +91,6 @@ def test_batch_not_divisible_by_replicas_exits_2(tmp_path):
     assert "does not divide evenly over 2 replicas" in error_line(err)
 
 
-def events_scalars(log_dir):
-    import tensorflow as tf
-
-    tags = {}
-    for root, _, files in os.walk(log_dir):
-        for name in files:
-            if name.startswith("events.out.tfevents"):
-                for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
-                    for value in event.summary.value:
-                        if value.metadata.plugin_data.plugin_name != "scalars":
-                            continue  # Keras also writes the model config as text
-                        tags.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
-    return tags
-
-
 @pytest.mark.slow
 def test_one_device_end_to_end_with_profile(tmp_path):
     code, out, err = tfpar_train(["--strategy=one_device", "--batch_size=16", "--profile_steps=2,3",
@@ -117,7 +104,7 @@ def test_one_device_end_to_end_with_profile(tmp_path):
     assert json.loads((tmp_path / "summary.worker-0.json").read_text())["weights_sha256"] == summary["weights_sha256"]
     profiles = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "train" / "plugins" / "profile") for f in fs]
     assert any(p.endswith(".xplane.pb") and os.path.getsize(p) > 0 for p in profiles), profiles
-    tags = events_scalars(tmp_path / "train")
+    tags = event_scalars(tmp_path / "train")
     assert len(tags["throughput/examples_per_sec"]) == 2 and len(tags["throughput/step_time_ms"]) == 2
     assert all(v > 0 for v in tags["throughput/examples_per_sec"])
     assert "epoch_loss" in tags and "epoch_examples_per_sec" in tags

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from processes import run_reaped
+from helpers import run_reaped
 
 from tfpar import cluster, launcher
 

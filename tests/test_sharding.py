@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from processes import quiet_env, run_reaped
+from helpers import quiet_env, run_reaped
 
 from tfpar import sharding
 from tfpar.sharding import meshes, report

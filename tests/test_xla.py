@@ -7,12 +7,13 @@ XLA compiles slowly on this CPU, hence tiny models and few steps.
 
 import json
 import os
-import subprocess
 import sys
 import warnings
 
 import numpy as np
 import pytest
+
+from helpers import run_reaped
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -172,16 +173,9 @@ def _multi_worker(out_dir):
 @pytest.fixture(scope="module")
 def mirrored():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=540)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+    code, stdout, stderr = run_reaped([sys.executable, os.path.abspath(__file__)], 540, env=env)
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    assert proc.returncode == 0 and lines, f"scenario process failed:\n{stderr[-4000:]}"
+    assert code == 0 and lines, f"scenario process failed:\n{stderr[-4000:]}"
     return json.loads(lines[-1])
 
 
@@ -287,15 +281,8 @@ def test_multi_worker_jit_matches_uncompiled_and_workers_agree(tmp_path):
     launch = [sys.executable, "-m", "tfpar.launcher", "--workers", "2", "--timeout", "500", "--",
               sys.executable, os.path.abspath(__file__), "multi_worker", str(tmp_path)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=540)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-    assert proc.returncode == 0, out[-4000:]
+    code, out, _ = run_reaped(launch, 540, env=env, merge_output=True)
+    assert code == 0, out[-4000:]
     workers = [json.loads((tmp_path / f"worker-{i}.json").read_text()) for i in range(2)]
     for worker in workers:
         on, off = worker["on"], worker["off"]

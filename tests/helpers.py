@@ -1,4 +1,4 @@
-"""Run a test's child process in its own process group, bounded in time, always reaped."""
+"""Shared test helpers: bounded, always-reaped child processes and TensorBoard scalars read back."""
 
 import os
 import signal
@@ -35,3 +35,19 @@ def quiet_env(**extra):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **extra)
     env.pop("TF_CONFIG", None)
     return env
+
+
+def event_scalars(log_dir):
+    """``{tag: [values]}`` of the scalar summaries in every event file under ``log_dir``."""
+    import tensorflow as tf
+
+    found = {}
+    for root, _, files in os.walk(log_dir):
+        for name in files:
+            if name.startswith("events.out.tfevents"):
+                for event in tf.compat.v1.train.summary_iterator(os.path.join(root, name)):
+                    for value in event.summary.value:
+                        if value.metadata.plugin_data.plugin_name != "scalars":
+                            continue  # Keras also writes the model config as text
+                        found.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
+    return found
