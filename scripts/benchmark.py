@@ -108,6 +108,7 @@ def _measure_tfpar(case):
         learning_rate=0.01, model_dir=case["model_dir"], tensorboard=False, checkpoint_best=False, verbose=0,
         backup_freq="none",
         **({"jit_compile": case["jit_compile"]} if "jit_compile" in case else {}),
+        **case.get("train_options", {}),  # any other TrainConfig field, e.g. grad_accum_steps
     )
     result = train.run(config, print_fn=None)
     per_epoch = [e["examples_per_sec"] for e in result["throughput"]][case["warmup_windows"]:]

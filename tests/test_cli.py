@@ -122,3 +122,12 @@ def test_mirrored_two_virtual_cpus_end_to_end_from_flagfile(tmp_path):
     assert (summary["strategy"], summary["replicas"], summary["global_batch_size"]) == ("MirroredStrategy", 2, 16)
     assert summary["steps_done"] == 8 and summary["train_loss"] > 0
     assert not (tmp_path / "run" / "train").exists()  # --notensorboard
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_over_several_replicas_is_refused_in_one_sentence(tmp_path):
+    code, out, err = tfpar_train(["--strategy=mirrored", "--virtual_cpus=2", *TINY, "--grad_accum_steps=2",
+                                  "--tensorboard=false", f"--model_dir={tmp_path}"], timeout=300)
+    assert code == 2, err[-3000:]
+    assert "grad_accum_steps=2 works only with one replica" in error_line(err)
+    assert "Traceback" not in err

@@ -49,7 +49,8 @@ _HELP = {
     "label_smoothing": "Label smoothing of the cross-entropy, in [0, 1).",
     "weight_decay": "L2 factor on kernels for sgd/adam; decoupled weight decay for adamw.",
     "grad_accum_steps": "Average gradients over this many steps per optimizer update (Keras "
-                        "gradient_accumulation_steps), for global batches larger than memory allows.",
+                        "gradient_accumulation_steps), for global batches larger than memory allows. "
+                        "One replica only: Keras 3.15 cannot all-reduce accumulated gradients.",
     "jit_compile": "XLA for the per-replica step: auto (on for GPU/TPU, off for CPU), on or off.",
     "steps_per_execution": "Training steps run per tf.function call (fewer Python round trips).",
     "model_dir": "Where TensorBoard logs, best.weights.h5 and summary.json go.",

@@ -274,6 +274,11 @@ def fit_loop(config, info, print_fn=print):
     with preemption.peers_within(config.cluster_timeout, info):
         strategy = strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
     replicas = strategy.num_replicas_in_sync
+    if config.grad_accum_steps > 1 and replicas > 1:
+        # Keras 3.15 all-reduces accumulated gradients inside a cond, which tf.distribute
+        # cannot run ("merge_call called while defining a new graph").
+        raise ValueError(f"grad_accum_steps={config.grad_accum_steps} works only with one replica in Keras "
+                         f"{keras.__version__} (this run has {replicas}); use a larger batch over the replicas instead.")
     global_batch = config.global_batch_size(replicas)
     policy = precision.apply(config.precision, strategy)
     keras.utils.set_random_seed(config.seed)
