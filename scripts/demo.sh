@@ -6,14 +6,7 @@
 # The learning rate is 0.2 per 256 images, scaled linearly: 0.05 at batch 64.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  echo "==> creating .venv"
-  "$PYTHON" -m venv .venv
-fi
-echo "==> installing tfpar into .venv"
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e .
+source scripts/venv.sh ""
 echo "==> training resnet18 on digits, 2 replicas (runs/demo/)"
 .venv/bin/tfpar-train \
   --model=resnet18 --data=digits --image_size=32 \

@@ -3,13 +3,6 @@
 # Arguments go to pytest (e.g. -m "not slow" for the fast tier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  echo "==> creating .venv"
-  "$PYTHON" -m venv .venv
-fi
-echo "==> installing tfpar[test] into .venv"
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test]"
+source scripts/venv.sh "[test]"
 echo "==> running pytest"
 exec .venv/bin/python -m pytest "$@"
