@@ -22,6 +22,8 @@ import inspect
 import logging
 import os
 
+from tfpar.strategies import is_multi_worker
+
 log = logging.getLogger("tfpar")
 
 DISABLE_ENV = "TFPAR_COMPAT_DISABLE"
@@ -55,15 +57,6 @@ def _source(fn):
         return ""
 
 
-def _is_multi_worker(strategy):
-    import tensorflow as tf
-
-    return (
-        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        and strategy.extended._in_multi_worker_mode()
-    )
-
-
 # --- keras-team/keras#20585: _maybe_symbolic_build reduces a PerReplica batch --
 
 def _symbolic_build_present():
@@ -86,7 +79,7 @@ def _install_symbolic_build():
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         strategy = self._distribute_strategy
-        if iterator is not None and strategy is not None and _is_multi_worker(strategy):
+        if iterator is not None and strategy is not None and is_multi_worker(strategy):
             for _, _, it in iterator:
                 data_batch = tree.map_structure(
                     lambda v: strategy.experimental_local_results(v)[0]
@@ -126,7 +119,7 @@ def _install_scalar_reduce():
         return getattr(getattr(first, "shape", None), "rank", None)
 
     def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or not _is_multi_worker(strategy):
+        if reduction not in ("auto", "mean") or not is_multi_worker(strategy):
             return original(values, strategy, reduction)
 
         def _reduce(v):
@@ -168,7 +161,7 @@ def _install_bn_moving_stats():
     def add_weight(self, *args, **kwargs):
         if (not kwargs.get("trainable", True) and kwargs.get("aggregation", "none") == "none"
                 and not getattr(self, "synchronized", False)
-                and _is_multi_worker(tf.distribute.get_strategy())):
+                and is_multi_worker(tf.distribute.get_strategy())):
             kwargs["aggregation"] = "mean"
         return original(self, *args, **kwargs)
 
@@ -203,7 +196,7 @@ def _install_loss_scale_finite():
     def check_finite(self, grads):
         finite = original(self, grads)
         context = tf.distribute.get_replica_context()
-        if context is None or not _is_multi_worker(context.strategy):
+        if context is None or not is_multi_worker(context.strategy):
             return finite
         nonfinite = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(finite, tf.float32))
         return nonfinite < 0.5

@@ -28,6 +28,8 @@ import signal
 import sys
 import threading
 
+from tfpar.strategies import is_multi_worker
+
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: a backup is saved; restart me
 EXIT_UNREACHABLE = 69  # sysexits EX_UNAVAILABLE: the other workers could not be reached
 DEFAULT_GRACE_SEC = 25.0  # Kubernetes waits 30 s between SIGTERM and SIGKILL by default
@@ -38,13 +40,6 @@ class Preempted(SystemExit):
 
     def __init__(self):
         super().__init__(EXIT_PREEMPTED)
-
-
-def _is_multi_worker(strategy):
-    import tensorflow as tf
-
-    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-            and strategy.extended._in_multi_worker_mode())
 
 
 def _any_worker_fn(strategy):
@@ -98,7 +93,7 @@ class Watch:
     def agreed(self, strategy):
         """True on every worker once any worker got SIGTERM (same answer, same step)."""
         flag = self.requested.is_set()
-        if strategy is None or not _is_multi_worker(strategy):
+        if strategy is None or not is_multi_worker(strategy):
             return flag
         import tensorflow as tf
 

@@ -51,6 +51,12 @@ def configure_virtual_cpus(count):
         ) from err
 
 
+def is_multi_worker(strategy):
+    """True for a MultiWorkerMirroredStrategy that really spans several workers."""
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
 def local_devices():
     """Names of this process's accelerators, or its CPUs when it has none."""
     for kind in ("GPU", "CPU"):

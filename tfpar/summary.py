@@ -9,12 +9,17 @@ import tempfile
 import numpy as np
 
 
-def weights_checksum(model):
-    """sha256 of every weight's float32 bytes, in model order: equal iff bit-identical."""
+def arrays_checksum(arrays):
+    """sha256 of the arrays' float32 bytes, in order: equal iff bit-identical."""
     digest = hashlib.sha256()
-    for w in model.weights:
-        digest.update(np.ascontiguousarray(np.asarray(w.numpy(), dtype=np.float32)).tobytes())
+    for value in arrays:
+        digest.update(np.ascontiguousarray(np.asarray(value, dtype=np.float32)).tobytes())
     return digest.hexdigest()
+
+
+def weights_checksum(model):
+    """``arrays_checksum`` of every weight of ``model``, in model order."""
+    return arrays_checksum(w.numpy() for w in model.weights)
 
 
 def versions():

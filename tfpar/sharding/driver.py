@@ -4,10 +4,7 @@ Same data, model, optimizer, loss, callbacks and summary fields as
 ``tfpar.train.fit_loop``, plus the mesh and the parameter bytes each device holds.
 """
 
-import hashlib
 import os
-
-import numpy as np
 
 
 def dtensor_env_from_cluster(info, environ=None):
@@ -47,14 +44,6 @@ def _mesh_spec(config):
     return f"batch={len(strategies.local_devices())}"
 
 
-def weights_checksum(trainer):
-    """sha256 of every weight's float32 bytes in model order (as ``tfpar.summary.weights_checksum``)."""
-    digest = hashlib.sha256()
-    for value in trainer.get_weights():
-        digest.update(np.ascontiguousarray(np.asarray(value, dtype=np.float32)).tobytes())
-    return digest.hexdigest()
-
-
 def train(config, info, print_fn=print):
     """Train per ``config`` on the mesh ``config.mesh`` (default: every device on ``batch``).
 
@@ -75,7 +64,7 @@ def train(config, info, print_fn=print):
 
     import keras
 
-    from tfpar import callbacks, precision
+    from tfpar import callbacks, precision, summary
     from tfpar.sharding import report, variables
     from tfpar.sharding.trainer import ShardedTrainer
     from tfpar.train import build_model, make_loss, make_optimizer
@@ -130,7 +119,7 @@ def train(config, info, print_fn=print):
         "val_accuracy": float(final["accuracy"]) if final else None,
         "examples_per_sec": throughput.median_examples_per_sec(),
         "throughput_per_epoch": throughput.epochs,
-        "weights_sha256": weights_checksum(trainer),
+        "weights_sha256": summary.arrays_checksum(trainer.get_weights()),
         "mesh": mesh_shape,
         "layout_rules": [[r.pattern, list(s)] for r, s in rules_lib.normalize(rules)],
         **totals,
