@@ -102,10 +102,10 @@ def test_first_failure_stops_every_process_group_and_sets_the_exit_code(tmp_path
     assert not pid_alive(grandchild)
 
 
-def test_sigterm_stops_everything(tmp_path):
-    marker = tmp_path / "started"
-    proc = subprocess.Popen(LAUNCH + ["--workers", "2", "--", sys.executable, "-c",
-                                      f"import time; open({str(marker)!r}, 'a').write('x'); time.sleep(300)"],
+def sigterm_launcher_once_up(worker_code, marker):
+    """Launch 2 workers running ``worker_code`` (each appends 'x' to ``marker`` when up),
+    SIGTERM the launcher once both are up; return (exit code, output, the workers' pids)."""
+    proc = subprocess.Popen(LAUNCH + ["--workers", "2", "--", sys.executable, "-c", worker_code],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -113,14 +113,21 @@ def test_sigterm_stops_everything(tmp_path):
             time.sleep(0.1)
         pids = [int(p) for p in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)],
                                                capture_output=True, text=True).stdout.split()]
-        assert len(pids) == 2
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, out
+    return proc.returncode, out, pids
+
+
+def test_sigterm_stops_everything(tmp_path):
+    marker = tmp_path / "started"
+    code, out, pids = sigterm_launcher_once_up(
+        f"import time; open({str(marker)!r}, 'a').write('x'); time.sleep(300)", marker)
+    assert len(pids) == 2
+    assert code == 128 + signal.SIGTERM, out
     assert not any(pid_alive(p) for p in pids)
 
 
@@ -133,19 +140,8 @@ def test_sigterm_to_the_launcher_gives_workers_time_to_save(tmp_path):
              f"signal.signal(signal.SIGTERM, save)\n"
              f"open(os.path.join({str(tmp_path)!r}, 'up'), 'a').write('x')\n"
              f"time.sleep(300)\n")
-    proc = subprocess.Popen(LAUNCH + ["--workers", "2", "--", sys.executable, "-c", saver],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not ((tmp_path / "up").exists() and len((tmp_path / "up").read_text()) == 2) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, out
+    code, out, _ = sigterm_launcher_once_up(saver, tmp_path / "up")
+    assert code == 128 + signal.SIGTERM, out
     assert sorted(p.name for p in tmp_path.glob("saved-*")) == ["saved-0", "saved-1"], out
 
 
