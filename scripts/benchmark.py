@@ -100,7 +100,7 @@ def _measure_tfpar(case):
     from tfpar import train
 
     windows = case["windows"] + case["warmup_windows"]
-    config = train.TrainConfig(
+    options = dict(
         model=case["model"], num_classes=case["classes"], image_size=case["image"],
         strategy=case.get("strategy", "one_device"), virtual_cpus=case.get("virtual_cpus"),
         precision=case.get("precision", "float32"), data="synthetic", batch_size=case["batch"],
@@ -108,8 +108,9 @@ def _measure_tfpar(case):
         learning_rate=0.01, model_dir=case["model_dir"], tensorboard=False, checkpoint_best=False, verbose=0,
         backup_freq="none",
         **({"jit_compile": case["jit_compile"]} if "jit_compile" in case else {}),
-        **case.get("train_options", {}),  # any other TrainConfig field, e.g. grad_accum_steps
     )
+    options.update(case.get("train_options", {}))  # any TrainConfig field, e.g. grad_accum_steps or profile_steps
+    config = train.TrainConfig(**options)
     result = train.run(config, print_fn=None)
     per_epoch = [e["examples_per_sec"] for e in result["throughput"]][case["warmup_windows"]:]
     return {"rates": per_epoch, "replicas": result["replicas"], "precision": result["precision"],
