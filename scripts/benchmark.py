@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """Images/sec side by side: tfpar vs plain Keras, vs tf_keras, 2 workers vs 1, bf16 vs fp32, XLA.
 
-Every comparison is measured in one run as a ratio, each side in its own fresh
-process (so device set-up, threads and memory never leak between cases), on
-synthetic data of the model's size. A case reports the median images/sec over
-several timed windows after warm-up, and the spread (min, max) of those
-windows. Results go to benchmarks/results/<machine>-<date>.json and .md (and a
-PNG chart when matplotlib is installed: pip install -e ".[dev]").
+Every comparison is measured in one run as a ratio to its first case, each
+case in its own fresh process (so device set-up, threads and memory never leak
+between cases), on synthetic data of the model's size. A case reports the
+median images/sec over several timed windows after warm-up, and the spread
+(min, max) of those windows. A comparison with rounds runs its cases in turn
+(A B A B) and takes the median of the per-round ratios, so slow drift of the
+machine hits both sides. Results go to benchmarks/results/<machine>-<date>.json
+and .md (and a PNG chart when matplotlib is installed: pip install -e ".[dev]").
 
-  scripts/benchmark.py                 # the CPU suite (about 15 minutes on 2 cores)
-  scripts/benchmark.py --suite quick   # a 2-minute smoke run of the same machinery
+  scripts/benchmark.py                 # the CPU suite (about 20 minutes on 2 cores)
+  scripts/benchmark.py --suite quick   # a smoke run of the same machinery
   scripts/benchmark.py --suite gpu     # ResNet-50 224px mixed_float16 + XLA, MFU, mirrored on all GPUs
-  scripts/benchmark.py --only precision,xla
+  scripts/benchmark.py --only scaling --profile   # also trace 2 steps per case: compute vs all-reduce ms
 """
 
 import argparse
@@ -109,7 +111,9 @@ def _measure_tfpar(case):
         backup_freq="none",
         **({"jit_compile": case["jit_compile"]} if "jit_compile" in case else {}),
     )
-    options.update(case.get("train_options", {}))  # any TrainConfig field, e.g. grad_accum_steps or profile_steps
+    if case.get("profile_steps"):
+        options.update(tensorboard=True, profile_steps="{},{}".format(*case["profile_steps"]))
+    options.update(case.get("train_options", {}))  # any other TrainConfig field, e.g. all_reduce_dtype
     config = train.TrainConfig(**options)
     result = train.run(config, print_fn=None)
     per_epoch = [e["examples_per_sec"] for e in result["throughput"]][case["warmup_windows"]:]
@@ -136,7 +140,10 @@ def _measure_plain(case, tf_keras):
         model = models.build(case["model"], num_classes=case["classes"], input_shape=(case["image"],) * 2 + (3,))
     model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy")
     timer = _window_timer(keras, case["batch"], case["warmup_windows"])
-    model.fit(_synthetic(tf, case["batch"], case["image"], case["classes"]), verbose=0, callbacks=[timer],
+    callbacks = [timer]
+    if case.get("profile_steps"):
+        callbacks.append(keras.callbacks.TensorBoard(case["model_dir"], profile_batch=tuple(case["profile_steps"])))
+    model.fit(_synthetic(tf, case["batch"], case["image"], case["classes"]), verbose=0, callbacks=callbacks,
               epochs=case["windows"] + case["warmup_windows"], steps_per_epoch=case["steps"])
     return {"rates": timer.rates, "params": int(model.count_params())}
 
@@ -144,20 +151,32 @@ def _measure_plain(case, tf_keras):
 # --------------------------------------------------------------------------- running cases
 
 def _python_for(kind):
+    """This interpreter, or for tf_keras the one of a separate virtualenv (made on first use)."""
     if kind != "tf_keras":
         return sys.executable
     python = os.path.join(TF_KERAS_VENV, "bin", "python")
-    if not os.path.exists(python):
+    ready = os.path.join(TF_KERAS_VENV, ".tfpar-ready")  # written once every package below is in
+    if not os.path.exists(ready):
         print(f"  making {TF_KERAS_VENV} with tf_keras (Keras 2) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", TF_KERAS_VENV], check=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "tensorflow==2.21.*", "tf-keras==2.21.*"], check=True)
+        if not os.path.exists(python):
+            subprocess.run([sys.executable, "-m", "venv", TF_KERAS_VENV], check=True)
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "tensorflow==2.21.*", "tf-keras==2.21.*",
+                        "tensorboard"], check=True)  # tensorboard: tf_keras's TensorBoard callback (--profile)
+        open(ready, "w").close()
     return python
 
 
-def run_case(case, timeout=1200):
-    """Measure ``case`` in a fresh process (or as 2 workers) and summarise its windows."""
+def run_case(case, timeout=1200, profile=False):
+    """Measure ``case`` in a fresh process (or as 2 workers) and summarise its windows.
+
+    ``profile`` also traces the last timed epoch's steps 3-4 from its end (on
+    the chief) and adds ``profile``: ``tfpar.trace.step_breakdown`` of it.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         case = dict(case, model_dir=os.path.join(tmp, "run"))
+        if profile:
+            last = (case["windows"] + case["warmup_windows"]) * case["steps"]
+            case["profile_steps"] = [last - 3, last - 2]
         argv = [_python_for(case["kind"]), os.path.abspath(__file__), "--_measure", json.dumps(case)]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
         if case.get("workers", 1) > 1:
@@ -177,18 +196,35 @@ def run_case(case, timeout=1200):
         if proc.returncode != 0 or not lines:
             tail = "\n".join((stdout + stderr).splitlines()[-15:])
             return {"name": case["name"], "error": f"exit {proc.returncode}", "log_tail": tail}
+        breakdown = _profile_of(case["model_dir"]) if profile else None
     # Workers run in lock-step on the global batch, so any one of them (the first
     # to print) measures the job's rate.
     result = json.loads(lines[0].split("BENCHMARK_RESULT ", 1)[1])
-    rates = result.pop("rates")
     out = {k: v for k, v in case.items() if k != "model_dir"}
     out.update(result)
-    out.update(
-        images_per_sec=statistics.median(rates), spread=[min(rates), max(rates)], windows_measured=len(rates),
-        step_time_ms=1000.0 * case["batch"] / statistics.median(rates),
-        wall_sec=round(time.time() - started, 1),
-    )
+    out.update(summarise(result["rates"], case["batch"]), wall_sec=round(time.time() - started, 1))
+    if breakdown:
+        out["profile"] = breakdown
     return out
+
+
+def _profile_of(model_dir):
+    from tfpar import trace
+
+    paths = trace.find(model_dir)
+    if not paths:
+        return {"error": "no trace written"}
+    try:
+        return trace.step_breakdown(paths[0])  # the chief's (train/ sorts before workers/)
+    except ValueError as err:
+        return {"error": str(err)}
+
+
+def summarise(rates, batch):
+    """Median images/sec of the timed windows, their min-max, and the median step time."""
+    median = statistics.median(rates)
+    return {"rates": rates, "images_per_sec": median, "spread": [min(rates), max(rates)],
+            "windows_measured": len(rates), "step_time_ms": 1000.0 * batch / median}
 
 
 def suites(name):
@@ -215,7 +251,10 @@ def suites(name):
                                dict(r50, name="resnet50 tfpar (Keras 3)", kind="tfpar")],
         "scaling": [dict(r50w, name="resnet50 1 worker, 1 core", kind="tfpar"),
                     dict(r50w, name="resnet50 2 workers, 1 core each", kind="tfpar", workers=2, strategy="multi_worker",
-                         batch=2 * r50w["batch"])],  # same per-worker batch
+                         batch=2 * r50w["batch"]),  # same per-worker batch
+                    dict(r50w, name="resnet50 2 workers, bfloat16 all-reduce", kind="tfpar", workers=2,
+                         strategy="multi_worker", batch=2 * r50w["batch"],
+                         train_options={"all_reduce_dtype": "bfloat16"})],
         "precision": [dict(r50, name="resnet50 float32", kind="tfpar"),
                       dict(r50, name="resnet50 mixed_bfloat16", kind="tfpar", precision="mixed_bfloat16")],
         "xla": [dict(r18, name="resnet18 mirrored x2, jit off", kind="tfpar", strategy="mirrored", virtual_cpus=2, jit_compile="off"),
@@ -224,16 +263,36 @@ def suites(name):
 
 
 TARGETS = {"tfpar_vs_keras": 0.98, "keras3_vs_tf_keras": 1.0, "scaling": 0.9}
+ROUNDS = {"tfpar_vs_keras": 2}  # small difference, noisy VM: A B A B, median of the per-round ratios
 
 
-def ratio_of(name, measured):
-    """second / first, per worker for scaling (efficiency)."""
-    if len(measured) < 2 or any("error" in m for m in measured[:2]):
+def ratio(case, baseline):
+    """``case`` / ``baseline`` images/sec, per worker when ``case`` runs on several (scaling efficiency)."""
+    if "error" in case or "error" in baseline:
         return None
-    first, second = measured[0]["images_per_sec"], measured[1]["images_per_sec"]
-    if name == "scaling":
-        return second / (measured[1].get("workers", 1) * first)
-    return second / first
+    return case["images_per_sec"] / (case.get("workers", 1) * baseline["images_per_sec"])
+
+
+def merge_rounds(rounds):
+    """One comparison measured ``len(rounds)`` times -> its cases, each with a ``ratio`` to the first.
+
+    Rates of a case are pooled over the rounds; its ratio is the median of the
+    per-round ratios (``ratio_spread`` their min-max), so that a machine which
+    drifts between rounds moves both sides.
+    """
+    merged = []
+    for i, runs in enumerate(zip(*rounds)):
+        if any("error" in r for r in runs):
+            merged.append(next(r for r in runs if "error" in r))
+            continue
+        case = dict(runs[0], **summarise([x for r in runs for x in r["rates"]], runs[0]["batch"]),
+                    wall_sec=round(sum(r["wall_sec"] for r in runs), 1), rounds=len(runs))
+        if i:
+            per_round = [ratio(r, base[0]) for r, base in zip(runs, rounds)]
+            if None not in per_round:
+                case.update(ratio=statistics.median(per_round), ratio_spread=[min(per_round), max(per_round)])
+        merged.append(case)
+    return merged
 
 
 def machine():
@@ -261,18 +320,34 @@ def add_mfu(comparisons, info):
 def markdown(report):
     lines = [f"# tfpar benchmark: {report['machine']['cpu']}" + (f" + {report['machine']['gpu']}" if report['machine']['gpu'] else ""),
              "", f"{report['date']}, suite `{report['suite']}`, TF {report['versions'].get('tensorflow')}, "
-             f"Keras {report['versions'].get('keras')}. Median images/sec over timed windows (min-max in brackets).", "",
+             f"Keras {report['versions'].get('keras')}. Median images/sec over timed windows (min-max in brackets); "
+             "ratio to the comparison's first case (per worker for several workers; over rounds, the median "
+             "of the per-round ratios).", "",
              "| comparison | configuration | images/sec | spread | ratio | target |", "|---|---|---:|---|---:|---:|"]
+    profiled = []
     for name, cases in report["comparisons"].items():
-        ratio = report["ratios"].get(name)
         for i, c in enumerate(cases):
             if "error" in c:
                 lines.append(f"| {name} | {c['name']} | error: {c['error']} | | | |")
                 continue
             extra = f" (MFU {100 * c['mfu']:.1f}%)" if "mfu" in c else ""
-            r = f"{ratio:.2f}" if (ratio is not None and i == len(cases) - 1) else ""
-            t = f"{TARGETS[name]:.2f}" if (name in TARGETS and i == len(cases) - 1) else ""
-            lines.append(f"| {name} | {c['name']} | {c['images_per_sec']:.1f}{extra} | {c['spread'][0]:.1f}-{c['spread'][1]:.1f} | {r} | {t} |")
+            r = f"{c['ratio']:.2f}" if c.get("ratio") is not None else ""
+            if c.get("rounds", 1) > 1 and c.get("ratio_spread"):
+                r += f" ({c['ratio_spread'][0]:.2f}-{c['ratio_spread'][1]:.2f}, {c['rounds']} rounds)"
+            t = f"{TARGETS[name]:.2f}" if (name in TARGETS and i == 1) else ""
+            lines.append(f"| {name} | {c['name']} | {c['images_per_sec']:.1f}{extra} | "
+                         f"{c['spread'][0]:.1f}-{c['spread'][1]:.1f} | {r} | {t} |")
+            if "step_ms" in c.get("profile", {}):
+                profiled.append((name, c))
+    if profiled:
+        lines += ["", "Where a step's time goes (`--profile`: a trace of 2 steps on the chief, `tfpar.trace`; "
+                  "ms per step):", "",
+                  "| comparison | configuration | step | compute | exposed | all-reduce busy | overlap |",
+                  "|---|---|---:|---:|---:|---:|---:|"]
+        for name, c in profiled:
+            p = c["profile"]
+            lines.append(f"| {name} | {c['name']} | {p['step_ms']:.0f} | {p['compute_ms']:.0f} | {p['exposed_ms']:.0f} "
+                         f"| {p['all_reduce_ms']:.0f} | {p['overlap_ms']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -302,6 +377,8 @@ def main(argv=None):
                         help="default: the CPU comparisons; quick: a smoke run; gpu: ResNet-50 on GPUs.")
     parser.add_argument("--only", default="", help="Comma-separated comparisons to run (default: all of the suite).")
     parser.add_argument("--out", default=RESULTS, help="Directory for the JSON, markdown and PNG results.")
+    parser.add_argument("--profile", action="store_true",
+                        help="Also trace 2 steps of each case (on the chief) and report where the step time goes.")
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._measure:
@@ -316,26 +393,39 @@ def main(argv=None):
     import tensorflow as tf
 
     info = machine()
-    report = {"suite": args.suite, "date": datetime.date.today().isoformat(), "machine": info,
+    report = {"suite": args.suite, "date": datetime.date.today().isoformat(), "machine": info, "profiled": args.profile,
               "versions": {"tensorflow": tf.__version__, "keras": keras.__version__}, "comparisons": {}, "ratios": {}}
+    done = {}  # the same configuration in two comparisons is measured once
     for name, cases in chosen.items():
         if only and name not in only:
             continue
         print(f"== {name}", flush=True)
-        measured = []
-        for case in cases:
-            result = run_case(case)
-            measured.append(result)
-            if "error" in result:
-                print(f"  {case['name']}: FAILED ({result['error']})\n{result['log_tail']}", flush=True)
-            else:
-                print(f"  {case['name']}: {result['images_per_sec']:.1f} images/sec "
-                      f"(min {result['spread'][0]:.1f}, max {result['spread'][1]:.1f}; {result['wall_sec']} s)", flush=True)
-        report["comparisons"][name] = measured
-        report["ratios"][name] = ratio_of(name, measured)
-        if report["ratios"][name] is not None:
-            target = f" (target {TARGETS[name]})" if name in TARGETS else ""
-            print(f"  ratio: {report['ratios'][name]:.3f}{target}", flush=True)
+        rounds = []
+        for round_index in range(ROUNDS.get(name, 1)):
+            measured = []
+            for case in cases:
+                key = json.dumps({k: v for k, v in case.items() if k != "name"}, sort_keys=True)
+                if key in done and name not in ROUNDS:
+                    result = dict(done[key], name=case["name"], reused=True)
+                else:
+                    result = run_case(case, profile=args.profile)
+                    done[key] = result
+                measured.append(result)
+                label = f"  {case['name']}" + (f" (round {round_index + 1})" if name in ROUNDS else "")
+                if "error" in result:
+                    print(f"{label}: FAILED ({result['error']})\n{result['log_tail']}", flush=True)
+                else:
+                    print(f"{label}: {result['images_per_sec']:.1f} images/sec (min {result['spread'][0]:.1f}, "
+                          f"max {result['spread'][1]:.1f}; " + ("measured above)" if result.get("reused") else
+                                                                f"{result['wall_sec']} s)"), flush=True)
+            rounds.append(measured)
+        merged = merge_rounds(rounds)
+        report["comparisons"][name] = merged
+        report["ratios"][name] = merged[1].get("ratio") if len(merged) > 1 else None
+        for c in merged[1:]:
+            if c.get("ratio") is not None:
+                target = f" (target {TARGETS[name]})" if (name in TARGETS and c is merged[1]) else ""
+                print(f"  ratio {c['name']}: {c['ratio']:.3f}{target}", flush=True)
     add_mfu(report["comparisons"], info)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{(info['gpu'] or 'cpu').replace(' ', '_')}-{info['cores']}core-{report['date']}")

@@ -64,3 +64,9 @@ def test_for_run_chief_and_workers(tmp_path):
     loud_cbs, loud_tp = callbacks.for_run(loud, str(tmp_path / "l"), False, 32, True, task_name="worker-1")
     assert loud_tp.print_fn is print and loud_tp.prefix == "[worker-1] "
     assert "TensorBoard" not in {type(c).__name__ for c in loud_cbs}
+    # Multi-worker: the chief traces, the other workers do not (TF's profiler.stop crashed them).
+    chief_tb, = [c for c in callbacks.for_run(config, str(tmp_path / "c"), True, 32, True, multi_worker=True)[0]
+                 if type(c).__name__ == "TensorBoard"]
+    worker_tb, = [c for c in callbacks.for_run(config, str(tmp_path / "m"), False, 32, True, multi_worker=True)[0]
+                  if type(c).__name__ == "TensorBoard"]
+    assert chief_tb._should_trace and not worker_tb._should_trace

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import run_reaped
 
-from tfpar import cluster, launcher
+from tfpar import cluster, launcher, trace
 
 LAUNCH = [sys.executable, "-m", "tfpar.launcher"]
 
@@ -180,7 +180,7 @@ def test_tfpar_train_multi_worker_fit_and_evaluate(tmp_path, workers, policy, su
     code, out = run_launcher([
         "--workers", str(workers), "--timeout", "400", "--", train, "--strategy=multi_worker", "--model=resnet18",
         "--width_multiplier=0.125", f"--precision={policy}", f"--batch_size={16 * workers}", "--epochs=3",
-        "--steps_per_epoch=4", "--validation_steps=2", "--tensorboard=false", "--verbose=2",
+        "--steps_per_epoch=4", "--validation_steps=2", "--profile_steps=6,7", "--verbose=2",
         f"--all_reduce_dtype={summed_in}", f"--model_dir={tmp_path}"], timeout=420)
     assert code == 0, out[-4000:]
     summaries = [json.loads((tmp_path / f"summary.worker-{i}.json").read_text()) for i in range(workers)]
@@ -194,6 +194,11 @@ def test_tfpar_train_multi_worker_fit_and_evaluate(tmp_path, workers, policy, su
     assert {s["val_loss"] for s in summaries} == {summaries[0]["val_loss"]}  # evaluate agrees on every worker
     losses = epoch_losses(out)
     assert len(losses) == 3 and losses[-1] < losses[0], out[-4000:]
+    # The chief alone traced steps 6-7 (tfpar.callbacks.for_run); its trace shows the all-reduce beside the compute.
+    traces = trace.find(str(tmp_path))
+    assert len(traces) == 1 and "workers" not in traces[0], traces
+    breakdown = trace.step_breakdown(traces[0])
+    assert breakdown["steps"] == 2 and breakdown["all_reduce_ms"] > 0 and breakdown["compute_ms"] > 0
 
 
 @pytest.mark.slow

@@ -304,7 +304,8 @@ def fit_loop(config, info, print_fn=print):
     chief = info.is_chief
     model_dir = config.model_dir if chief else os.path.join(config.model_dir, "workers", info.task_name)
     cbs, throughput = callbacks.for_run(config, model_dir, chief, global_batch, pipes.val is not None,
-                                        print_fn=print_fn, task_name=info.task_name)
+                                        print_fn=print_fn, task_name=info.task_name,
+                                        multi_worker=strategies.is_multi_worker(strategy))
     train_ds = pipes.train
     if backup_cb is not None:
         cbs.insert(0, backup_cb)  # first: it sets the initial epoch before the others begin

@@ -1,0 +1,43 @@
+"""scripts/benchmark.py: ratios, rounds and the markdown table (the measurements themselves run in
+``scripts/benchmark.py --suite quick``; timing is never asserted in tests)."""
+
+import importlib.util
+import os
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "benchmark", os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark.py"))
+benchmark = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(benchmark)
+
+
+def case(name, rates, batch=16, **extra):
+    return dict(name=name, batch=batch, wall_sec=10.0, **benchmark.summarise(rates, batch), **extra)
+
+
+def test_scaling_ratio_is_per_worker_and_errors_give_none():
+    one, two = case("1 worker", [10.0, 9.0, 11.0]), case("2 workers", [18.0], workers=2)
+    assert benchmark.ratio(two, one) == pytest.approx(0.9)
+    assert benchmark.ratio({"error": "exit 1"}, one) is None
+
+
+def test_rounds_pool_rates_and_take_the_median_of_per_round_ratios():
+    rounds = [[case("keras", [10.0, 10.0]), case("tfpar", [9.0, 9.0])],
+              [case("keras", [20.0, 20.0]), case("tfpar", [21.0, 21.0])],
+              [case("keras", [10.0, 10.0]), case("tfpar", [10.0, 10.0])]]
+    base, other = benchmark.merge_rounds(rounds)
+    assert other["ratio"] == pytest.approx(1.0) and other["ratio_spread"] == pytest.approx([0.9, 1.05])
+    assert other["windows_measured"] == 6 and other["rounds"] == 3 and other["wall_sec"] == 30.0
+    assert base["images_per_sec"] == 10.0 and "ratio" not in base
+
+
+def test_markdown_shows_ratios_targets_and_the_profile_table():
+    first, second = benchmark.merge_rounds([[case("1 worker", [10.0]), case("2 workers", [16.0], workers=2)]])
+    second["profile"] = {"step_ms": 2882.0, "compute_ms": 2175.0, "exposed_ms": 707.0, "all_reduce_ms": 701.0,
+                         "overlap_ms": 13.0}
+    report = {"machine": {"cpu": "cpu", "gpu": None}, "date": "2026-11-23", "suite": "default",
+              "versions": {}, "comparisons": {"scaling": [first, second]}}
+    text = benchmark.markdown(report)
+    assert "| scaling | 2 workers | 16.0 | 16.0-16.0 | 0.80 | 0.90 |" in text
+    assert "| scaling | 2 workers | 2882 | 2175 | 707 | 701 | 13 |" in text
