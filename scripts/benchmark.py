@@ -106,7 +106,7 @@ def _measure_tfpar(case):
         model=case["model"], num_classes=case["classes"], image_size=case["image"],
         strategy=case.get("strategy", "one_device"), virtual_cpus=case.get("virtual_cpus"),
         precision=case.get("precision", "float32"), data="synthetic", batch_size=case["batch"],
-        epochs=windows, steps_per_epoch=case["steps"], validation_steps=1, optimizer="sgd",
+        epochs=windows, steps_per_epoch=case["steps"], validation_steps=0, optimizer="sgd",
         learning_rate=0.01, model_dir=case["model_dir"], tensorboard=False, checkpoint_best=False, verbose=0,
         backup_freq="none",
         **({"jit_compile": case["jit_compile"]} if "jit_compile" in case else {}),
@@ -287,6 +287,8 @@ def merge_rounds(rounds):
             continue
         case = dict(runs[0], **summarise([x for r in runs for x in r["rates"]], runs[0]["batch"]),
                     wall_sec=round(sum(r["wall_sec"] for r in runs), 1), rounds=len(runs))
+        if len(runs) > 1 and all("profile" in r for r in runs):
+            case["profile_rounds"] = [r["profile"] for r in runs]
         if i:
             per_round = [ratio(r, base[0]) for r, base in zip(runs, rounds)]
             if None not in per_round:
@@ -337,16 +339,16 @@ def markdown(report):
             t = f"{TARGETS[name]:.2f}" if (name in TARGETS and i == 1) else ""
             lines.append(f"| {name} | {c['name']} | {c['images_per_sec']:.1f}{extra} | "
                          f"{c['spread'][0]:.1f}-{c['spread'][1]:.1f} | {r} | {t} |")
-            if "step_ms" in c.get("profile", {}):
-                profiled.append((name, c))
+            for k, p in enumerate(c.get("profile_rounds") or [c.get("profile", {})]):
+                if "step_ms" in p:
+                    profiled.append((name, c["name"] + (f" (round {k + 1})" if c.get("profile_rounds") else ""), p))
     if profiled:
         lines += ["", "Where a step's time goes (`--profile`: a trace of 2 steps on the chief, `tfpar.trace`; "
                   "ms per step):", "",
                   "| comparison | configuration | step | compute | exposed | all-reduce busy | overlap |",
                   "|---|---|---:|---:|---:|---:|---:|"]
-        for name, c in profiled:
-            p = c["profile"]
-            lines.append(f"| {name} | {c['name']} | {p['step_ms']:.0f} | {p['compute_ms']:.0f} | {p['exposed_ms']:.0f} "
+        for name, label, p in profiled:
+            lines.append(f"| {name} | {label} | {p['step_ms']:.0f} | {p['compute_ms']:.0f} | {p['exposed_ms']:.0f} "
                          f"| {p['all_reduce_ms']:.0f} | {p['overlap_ms']:.0f} |")
     return "\n".join(lines) + "\n"
 

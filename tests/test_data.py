@@ -228,6 +228,14 @@ def test_synthetic_is_endless_random_data_of_the_model_size():
     assert all(0 <= int(y.numpy().min()) and int(y.numpy().max()) < 7 for _, y in batches)
 
 
+def test_validation_steps_0_skips_validation():
+    for spec, source in (("synthetic", data.inspect("synthetic", 10)), ("digits", None)):
+        pipes = data.make(TrainConfig(data=spec, image_size=SIZE, num_classes=10, validation_steps=0), 8, source)
+        assert pipes.val is None and pipes.validation_steps == 0 and pipes.train is not None
+    with pytest.raises(ValueError, match=r"validation_steps must be an integer >= 0 when given, got -1\."):
+        TrainConfig(validation_steps=-1).validate()
+
+
 def test_augmentation_is_deterministic_with_the_seed(tmp_path):
     make_folder(tmp_path, classes=2, per_class=4)
     firsts = []

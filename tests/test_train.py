@@ -121,3 +121,15 @@ def test_fit_with_accumulation_smoothing_and_steps_per_execution(tmp_path, monke
     assert result["examples_per_sec"] > 0 and len(result["weights_sha256"]) == 64 and len(result["throughput"]) == 2
     assert sum(line.startswith("epoch ") for line in lines) == 2
     assert (tmp_path / "best.weights.h5").exists()
+
+
+@pytest.mark.slow
+def test_validation_steps_0_trains_without_validation(tmp_path, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    config = TrainConfig(model="resnet18", width_multiplier=0.125, image_size=16, strategy="one_device", batch_size=16,
+                         data="synthetic", epochs=2, steps_per_epoch=3, validation_steps=0, model_dir=str(tmp_path),
+                         verbose=0)
+    result = train.run(config, print_fn=None)
+    assert result["steps_done"] == 6 and result["val_accuracy"] is None and result["val_loss"] is None
+    assert np.isfinite(result["train_loss"])
+    assert (tmp_path / "best.weights.h5").exists()  # the best epoch by training accuracy

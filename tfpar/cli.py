@@ -35,7 +35,8 @@ _HELP = {
     "per_replica_batch_size": "Batch per replica instead of --batch_size: global = this x replicas.",
     "epochs": "Epochs to train.",
     "steps_per_epoch": "Steps per epoch (default: one pass over the training data; 100 for synthetic).",
-    "validation_steps": "Validation steps per epoch (default: the whole validation set; 10 for synthetic).",
+    "validation_steps": "Validation steps per epoch (default: the whole validation set; 10 for synthetic); "
+                        "0 skips validation.",
     "optimizer": "sgd (with --momentum), adam or adamw (decoupled --weight_decay).",
     "learning_rate": "Learning rate at --lr_reference_batch; scaled linearly to the global batch x "
                      "--grad_accum_steps: peak = learning_rate * batch * accum / lr_reference_batch.",

@@ -503,7 +503,8 @@ def make(config, global_batch_size, source=None, input_context=None, num_workers
     val = _split(source, "val", config, batch, num_workers, worker_index, input_context)
     steps, val_steps = config.steps_per_epoch, config.validation_steps
     if source.kind == "synthetic":
-        steps, val_steps = steps or SYNTHETIC_STEPS[0], val_steps or SYNTHETIC_STEPS[1]
+        steps = steps or SYNTHETIC_STEPS[0]
+        val_steps = SYNTHETIC_STEPS[1] if val_steps is None else val_steps
     if steps is None:
         if source.num_train is None:
             raise ValueError(f"The number of examples in {config.data!r} is unknown; pass --steps_per_epoch.")
@@ -513,6 +514,6 @@ def make(config, global_batch_size, source=None, input_context=None, num_workers
                 f"The {source.num_train} training examples make no full batch of {global_batch_size}; "
                 "lower --batch_size."
             )
-    if val is not None and val_steps is None and source.num_val == 0:
+    if val is not None and ((val_steps is None and source.num_val == 0) or val_steps == 0):
         val = None
     return Pipelines(train, val, steps, val_steps, source.num_train, source.num_val)

@@ -55,7 +55,7 @@ class TrainConfig:
     per_replica_batch_size: int | None = None
     epochs: int = 5
     steps_per_epoch: int | None = None
-    validation_steps: int | None = None
+    validation_steps: int | None = None  # 0: no validation
     optimizer: str = "sgd"
     learning_rate: float = 0.1  # at lr_reference_batch; see tfpar.schedules
     lr_reference_batch: int = 256
@@ -113,9 +113,10 @@ class TrainConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         for name in ("batch_size", "per_replica_batch_size", "steps_per_epoch", "validation_steps", "virtual_cpus"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer when given, got {value!r}.")
+            value, least = getattr(self, name), 0 if name == "validation_steps" else 1
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                raise ValueError(f"{name} must be {'an integer >= 0' if least == 0 else 'a positive integer'} "
+                                 f"when given, got {value!r}.")
         if self.batch_size is not None and self.per_replica_batch_size is not None:
             raise ValueError("Give batch_size (global) or per_replica_batch_size, not both.")
         if not self.learning_rate > 0:
