@@ -174,14 +174,15 @@ def epoch_losses(out, task="worker-0"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers,policy,summed_in", [(2, "float32", "float32"), (3, "mixed_bfloat16", "bfloat16")])
-def test_tfpar_train_multi_worker_fit_and_evaluate(tmp_path, workers, policy, summed_in):
+@pytest.mark.parametrize("workers,policy,summed_in,accum", [(2, "float32", "float32", 1),
+                                                            (3, "mixed_bfloat16", "bfloat16", 2)])
+def test_tfpar_train_multi_worker_fit_and_evaluate(tmp_path, workers, policy, summed_in, accum):
     train = os.path.join(os.path.dirname(sys.executable), "tfpar-train")
     code, out = run_launcher([
         "--workers", str(workers), "--timeout", "400", "--", train, "--strategy=multi_worker", "--model=resnet18",
         "--width_multiplier=0.125", f"--precision={policy}", f"--batch_size={16 * workers}", "--epochs=3",
         "--steps_per_epoch=4", "--validation_steps=2", "--profile_steps=6,7", "--verbose=2",
-        f"--all_reduce_dtype={summed_in}", f"--model_dir={tmp_path}"], timeout=420)
+        f"--all_reduce_dtype={summed_in}", f"--grad_accum_steps={accum}", f"--model_dir={tmp_path}"], timeout=420)
     assert code == 0, out[-4000:]
     summaries = [json.loads((tmp_path / f"summary.worker-{i}.json").read_text()) for i in range(workers)]
     assert {s["weights_sha256"] for s in summaries} == {summaries[0]["weights_sha256"]}  # identical weights
@@ -190,7 +191,8 @@ def test_tfpar_train_multi_worker_fit_and_evaluate(tmp_path, workers, policy, su
     assert all(s["strategy"] == "CollectiveAllReduceStrategy" and s["precision"] == policy for s in summaries)
     assert all(s["all_reduce_dtype"] == summed_in for s in summaries)
     assert f"gradients summed in {summed_in}" in out
-    assert summaries[0]["steps_done"] == 12
+    assert summaries[0]["steps_done"] == summaries[0]["optimizer_updates"] == 12  # a step is one update
+    assert all(s["examples_per_update"] == 16 * workers * accum for s in summaries)
     assert {s["val_loss"] for s in summaries} == {summaries[0]["val_loss"]}  # evaluate agrees on every worker
     losses = epoch_losses(out)
     assert len(losses) == 3 and losses[-1] < losses[0], out[-4000:]

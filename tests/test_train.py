@@ -38,6 +38,13 @@ def test_validate_rejects_with_one_sentence(field, value, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("strategy", ["dtensor", "parameter_server"])
+def test_gradient_accumulation_is_refused_by_strategies_with_their_own_loop(strategy):
+    with pytest.raises(ValueError, match=f"grad_accum_steps=2 works with Keras fit strategies; {strategy} trains"):
+        TrainConfig(strategy=strategy, grad_accum_steps=2).validate()
+    TrainConfig(strategy="mirrored", grad_accum_steps=2).validate()
+
+
 def test_step_schedule_needs_increasing_boundaries():
     with pytest.raises(ValueError, match="needs lr_decay_epochs"):
         TrainConfig(lr_schedule="step").validate()
@@ -105,7 +112,7 @@ def test_strategies_without_their_loop_fail_clearly(monkeypatch):
 
 @pytest.mark.slow
 def test_fit_with_accumulation_smoothing_and_steps_per_execution(tmp_path, monkeypatch):
-    """A real one_device fit: 6 batches, 2 per update -> 3 optimizer updates, loss finite, files written."""
+    """A real one_device fit: 6 steps of 2 micro-batches of 16 -> 6 optimizer updates, loss finite, files written."""
     monkeypatch.delenv("TF_CONFIG", raising=False)
     config = TrainConfig(
         model="resnet18", width_multiplier=0.125, image_size=16, strategy="one_device", batch_size=16,
@@ -115,8 +122,9 @@ def test_fit_with_accumulation_smoothing_and_steps_per_execution(tmp_path, monke
     )
     lines = []
     result = train.run(config, print_fn=lines.append)
-    assert (result["epochs_done"], result["steps_done"], result["optimizer_updates"]) == (2, 6, 3)
+    assert (result["epochs_done"], result["steps_done"], result["optimizer_updates"]) == (2, 6, 6)
     assert result["replicas"] == 1 and result["global_batch_size"] == 16 and result["jit_compile"] is False
+    assert result["examples_per_update"] == 32
     assert np.isfinite(result["train_loss"]) and 0 <= result["val_accuracy"] <= 1
     assert result["examples_per_sec"] > 0 and len(result["weights_sha256"]) == 64 and len(result["throughput"]) == 2
     assert sum(line.startswith("epoch ") for line in lines) == 2

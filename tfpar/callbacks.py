@@ -120,7 +120,7 @@ def for_run(config, model_dir, is_chief, global_batch_size, has_validation, prin
     speak = is_chief or config.log_all_workers
     prefix = f"[{task_name}] " if config.log_all_workers and task_name else ""
     throughput = ThroughputLogger(
-        global_batch_size,  # examples per step; gradient accumulation does not change it
+        global_batch_size,  # examples per step: with gradient accumulation, all its micro-batches
         log_dir=os.path.join(model_dir, "train") if config.tensorboard else None,
         print_fn=print_fn if speak else None, prefix=prefix,  # print_fn=None: silent everywhere
     )

@@ -49,9 +49,9 @@ _HELP = {
     "momentum": "SGD momentum.",
     "label_smoothing": "Label smoothing of the cross-entropy, in [0, 1).",
     "weight_decay": "L2 factor on kernels for sgd/adam; decoupled weight decay for adamw.",
-    "grad_accum_steps": "Average gradients over this many steps per optimizer update (Keras "
-                        "gradient_accumulation_steps), for global batches larger than memory allows. "
-                        "One replica only: Keras 3.15 cannot all-reduce accumulated gradients.",
+    "grad_accum_steps": "Micro-batches per optimizer update: each step feeds every replica this many batches "
+                        "of its share of --batch_size in turn and sums their gradients, then all-reduces once "
+                        "(fewer all-reduces per image; memory of one micro-batch). A step is one update.",
     "all_reduce_dtype": "float32, or bfloat16 to sum gradients between replicas in half the bytes (multi-worker "
                         "on CPUs: the all-reduce is ~1/4 of a ResNet-50 step; each summed gradient is rounded "
                         "to ~0.4%, weights and updates stay float32).",

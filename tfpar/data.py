@@ -481,7 +481,7 @@ def _split(source, split, config, batch_size, num_workers, worker_index, context
     return _finish(ds, batch_size, training, seed, policy, 10_000, _decode_preprocess(size))
 
 
-def make(config, global_batch_size, source=None, input_context=None, num_workers=1, worker_index=0):
+def make(config, global_batch_size, source=None, input_context=None, num_workers=1, worker_index=0, micro_batches=1):
     """Train and validation pipelines for ``config.data``.
 
     Args:
@@ -493,13 +493,16 @@ def make(config, global_batch_size, source=None, input_context=None, num_workers
         pipeline and batch per replica (``distribute_datasets_from_function``).
       num_workers, worker_index: this process's place, for sources sharded
         here rather than by tf.data's autoshard (folders).
+      micro_batches: training batches hold this many batches of
+        ``global_batch_size`` (gradient accumulation, ``tfpar.steps``); one
+        step consumes them all. Validation batches hold one.
 
     Returns:
       ``Pipelines``; ``val`` is ``None`` for sources without a validation split.
     """
     source = source or inspect(config.data, config.num_classes, config.seed)
     batch = input_context.get_per_replica_batch_size(global_batch_size) if input_context else global_batch_size
-    train = _split(source, "train", config, batch, num_workers, worker_index, input_context)
+    train = _split(source, "train", config, batch * micro_batches, num_workers, worker_index, input_context)
     val = _split(source, "val", config, batch, num_workers, worker_index, input_context)
     steps, val_steps = config.steps_per_epoch, config.validation_steps
     if source.kind == "synthetic":
@@ -508,11 +511,12 @@ def make(config, global_batch_size, source=None, input_context=None, num_workers
     if steps is None:
         if source.num_train is None:
             raise ValueError(f"The number of examples in {config.data!r} is unknown; pass --steps_per_epoch.")
-        steps = source.num_train // global_batch_size
+        steps = source.num_train // (global_batch_size * micro_batches)
         if steps < 1:
             raise ValueError(
-                f"The {source.num_train} training examples make no full batch of {global_batch_size}; "
-                "lower --batch_size."
+                f"The {source.num_train} training examples make no full batch of {global_batch_size * micro_batches}"
+                f"{f' ({micro_batches} micro-batches of {global_batch_size})' if micro_batches > 1 else ''}; "
+                "lower --batch_size" + (" or --grad_accum_steps." if micro_batches > 1 else ".")
             )
     if val is not None and ((val_steps is None and source.num_val == 0) or val_steps == 0):
         val = None

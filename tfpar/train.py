@@ -103,6 +103,9 @@ class TrainConfig:
         if self.all_reduce_dtype not in all_reduce.DTYPES:
             raise ValueError(f"all_reduce_dtype must be one of: {', '.join(all_reduce.DTYPES)}; "
                              f"got {self.all_reduce_dtype!r}.")
+        if self.grad_accum_steps > 1 and self.strategy in ("parameter_server", "dtensor"):
+            raise ValueError(f"grad_accum_steps={self.grad_accum_steps} works with Keras fit strategies; "
+                             f"{self.strategy} trains with its own loop, so use grad_accum_steps=1.")
         if self.all_reduce_dtype != "float32" and self.strategy in ("parameter_server", "dtensor"):
             raise ValueError(f"all_reduce_dtype={self.all_reduce_dtype} works with mirrored and multi_worker "
                              f"training; {self.strategy} does not all-reduce gradients.")
@@ -227,12 +230,11 @@ def make_optimizer(config, global_batch_size, steps_per_epoch):
         boundaries=[int(round(e * steps_per_epoch)) for e in config.decay_boundaries_epochs()],
         decay_rate=config.lr_decay_rate,
     )
-    accum = {"gradient_accumulation_steps": config.grad_accum_steps} if config.grad_accum_steps > 1 else {}
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=config.momentum, **accum), peak
+        return keras.optimizers.SGD(rate, momentum=config.momentum), peak
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(rate, **accum), peak
-    return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay, **accum), peak
+        return keras.optimizers.Adam(rate), peak
+    return keras.optimizers.AdamW(rate, weight_decay=config.weight_decay), peak
 
 
 def make_loss(config):
@@ -274,7 +276,7 @@ def fit_loop(config, info, print_fn=print):
     import keras
     import tensorflow as tf
 
-    from tfpar import all_reduce, backup, callbacks, precision, preemption, strategies, summary, xla
+    from tfpar import all_reduce, backup, callbacks, precision, preemption, steps, strategies, summary, xla
 
     # Fault tolerance: refuse a foreign or damaged backup before anything is written,
     # and never wait forever for peers that do not come up.
@@ -282,16 +284,13 @@ def fit_loop(config, info, print_fn=print):
     with preemption.peers_within(config.cluster_timeout, info):
         strategy = strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
     replicas = strategy.num_replicas_in_sync
-    if config.grad_accum_steps > 1 and replicas > 1:
-        # Keras 3.15 all-reduces accumulated gradients inside a cond, which tf.distribute
-        # cannot run ("merge_call called while defining a new graph").
-        raise ValueError(f"grad_accum_steps={config.grad_accum_steps} works only with one replica in Keras "
-                         f"{keras.__version__} (this run has {replicas}); use a larger batch over the replicas instead.")
-    global_batch = config.global_batch_size(replicas)
+    global_batch = config.global_batch_size(replicas)  # one micro-batch over all replicas
+    accum = config.grad_accum_steps
     policy = precision.apply(config.precision, strategy)
     keras.utils.set_random_seed(config.seed)
 
-    pipes = data.make(config, global_batch, source, num_workers=info.num_workers, worker_index=info.task_index)
+    pipes = data.make(config, global_batch, source, num_workers=info.num_workers, worker_index=info.task_index,
+                      micro_batches=accum)
     jit = resolve_jit_compile(config.jit_compile, strategy)
     with strategy.scope():
         model = build_model(config)
@@ -301,10 +300,11 @@ def fit_loop(config, info, print_fn=print):
                       jit_compile=False, steps_per_execution=config.steps_per_execution)
     reduce_dtype = all_reduce.apply(model.optimizer, config.all_reduce_dtype, replicas)
     xla.enable(model, jit)  # per-replica XLA steps (tfpar/xla.py); Keras's own jit fails under strategies
+    steps.accumulate(model, accum)  # one all-reduce per `accum` micro-batches; Keras's own fails under strategies
 
     chief = info.is_chief
     model_dir = config.model_dir if chief else os.path.join(config.model_dir, "workers", info.task_name)
-    cbs, throughput = callbacks.for_run(config, model_dir, chief, global_batch, pipes.val is not None,
+    cbs, throughput = callbacks.for_run(config, model_dir, chief, global_batch * accum, pipes.val is not None,
                                         print_fn=print_fn, task_name=info.task_name,
                                         multi_worker=strategies.is_multi_worker(strategy))
     train_ds = pipes.train
@@ -313,7 +313,8 @@ def fit_loop(config, info, print_fn=print):
         train_ds = backup_cb.skip_completed(train_ds)
     if print_fn and (chief or config.log_all_workers):
         summed = f", gradients summed in {reduce_dtype}" if replicas > 1 else ""
-        print_fn(f"{type(strategy).__name__}: {replicas} replica(s), global batch {global_batch}{summed}, "
+        micro = f" x {accum} micro-batches per update" if accum > 1 else ""
+        print_fn(f"{type(strategy).__name__}: {replicas} replica(s), global batch {global_batch}{micro}{summed}, "
                  f"precision {policy}, peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
     try:
         history = model.fit(
@@ -339,6 +340,7 @@ def fit_loop(config, info, print_fn=print):
         "replicas": replicas,
         "precision": policy,
         "global_batch_size": global_batch,
+        "examples_per_update": global_batch * accum,
         "learning_rate_peak": peak,
         "all_reduce_dtype": reduce_dtype,
         "jit_compile": jit,

@@ -38,6 +38,8 @@ import warnings
 
 import tensorflow as tf
 
+from tfpar import steps
+
 log = logging.getLogger("tfpar")
 
 MODES = ("auto", "on", "off")
@@ -124,71 +126,39 @@ def _disable(model):
         model.__dict__.pop(f"{kind}_step", None)
     model._tfpar_xla = {}
     model.train_function = model.test_function = model.predict_function = None
-
-
-def _unpack(data):
-    from keras.src.trainers.data_adapters import data_adapter_utils
-
-    return data_adapter_utils.unpack_x_y_sample_weight(data)
-
-
-def _call(model, x, training):
-    return model(x, training=training) if model._call_has_training_arg else model(x)
-
-
-def _batch_size(x):
-    return tf.shape(next(t for t in tf.nest.flatten(x) if t is not None))[0]
+    if steps.micro_batches(model) > 1:  # keep gradient accumulation, without XLA
+        steps.accumulate(model, steps.micro_batches(model))
 
 
 def _train_step(model, warned):
-    """Keras 3.15's ``train_step`` with the tape part XLA-compiled per replica."""
-    from keras.src.losses import loss as loss_module
-
-    def forward_backward(x, y, sample_weight):
-        with tf.GradientTape() as tape:
-            y_pred = _call(model, x, training=True)
-            loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            scaled = model.optimizer.scale_loss(loss) if model.optimizer is not None else loss
-        return loss, y_pred, tape.gradient(scaled, model.trainable_weights)
-
-    step_fn = _compiled_or_fallback(model, "train", forward_backward, warned)
-
-    def train_step(data):
-        x, y, sample_weight = _unpack(data)
-        if not model.trainable_weights:
-            return type(model).train_step(model, data)
-        loss, y_pred, grads = step_fn(x, y, sample_weight)
-        model._loss_tracker.update_state(loss_module.unscale_loss_for_distribution(loss), sample_weight=_batch_size(x))
-        model.optimizer.apply_gradients(zip(grads, model.trainable_weights))
-        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-    return train_step
+    """Keras 3.15's ``train_step`` with the tape part XLA-compiled per replica (and per micro-batch)."""
+    return steps.train_step(model, _compiled_or_fallback(model, "train", steps.forward_backward(model), warned))
 
 
 def _test_step(model, warned):
     from keras.src.losses import loss as loss_module
 
     def forward(x, y, sample_weight):
-        y_pred = _call(model, x, training=False)
+        y_pred = steps.call(model, x, training=False)
         loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
         return loss, y_pred
 
     step_fn = _compiled_or_fallback(model, "test", forward, warned)
 
     def test_step(data):
-        x, y, sample_weight = _unpack(data)
+        x, y, sample_weight = steps.unpack(data)
         loss, y_pred = step_fn(x, y, sample_weight)
-        model._loss_tracker.update_state(loss_module.unscale_loss_for_distribution(loss), sample_weight=_batch_size(x))
+        model._loss_tracker.update_state(loss_module.unscale_loss_for_distribution(loss), sample_weight=steps.batch_size(x))
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     return test_step
 
 
 def _predict_step(model, warned):
-    step_fn = _compiled_or_fallback(model, "predict", lambda x: _call(model, x, training=False), warned)
+    step_fn = _compiled_or_fallback(model, "predict", lambda x: steps.call(model, x, training=False), warned)
 
     def predict_step(data):
-        x, _, _ = _unpack(data)
+        x, _, _ = steps.unpack(data)
         return step_fn(x)
 
     return predict_step
