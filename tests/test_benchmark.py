@@ -41,3 +41,17 @@ def test_markdown_shows_ratios_targets_and_the_profile_table():
     text = benchmark.markdown(report)
     assert "| scaling | 2 workers | 16.0 | 16.0-16.0 | 0.80 | 0.90 |" in text
     assert "| scaling | 2 workers | 2882 | 2175 | 707 | 701 | 13 |" in text
+
+
+def test_step_time_counts_every_micro_batch():
+    accumulated = {"batch": 32, "train_options": {"grad_accum_steps": 4}}
+    assert benchmark.examples_per_step(accumulated) == 128 and benchmark.examples_per_step({"batch": 32}) == 32
+    assert benchmark.summarise([64.0], 128)["step_time_ms"] == pytest.approx(2000.0)
+
+
+@pytest.mark.parametrize("suite", ["default", "quick"])
+def test_scaling_compares_the_same_work_per_worker(suite):
+    one, two = benchmark.suites(suite)["scaling"]
+    assert (one.get("workers", 1), two["workers"]) == (1, 2)
+    assert benchmark.examples_per_step(two) == 2 * benchmark.examples_per_step(one)
+    assert one["train_options"]["grad_accum_steps"] == two["train_options"]["grad_accum_steps"] > 1
