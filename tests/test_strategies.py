@@ -44,8 +44,12 @@ def test_communication_options_carry_the_settings():
 
 
 def test_one_device_and_mirrored_on_this_cpu():
-    one = strategies.create("one_device")
-    assert isinstance(one, tf.distribute.OneDeviceStrategy) and one.num_replicas_in_sync == 1
+    one = strategies.create("one_device")  # the host CPU: TF's default strategy, the faster equivalent
+    assert one is tf.distribute.get_strategy() and one.num_replicas_in_sync == 1
+    named = strategies.create("one_device", devices=["/cpu:0"])
+    assert isinstance(named, tf.distribute.OneDeviceStrategy) and named.num_replicas_in_sync == 1
+    with named.scope():  # inside another strategy's scope the default strategy is not to be had
+        assert isinstance(strategies.create("one_device"), tf.distribute.OneDeviceStrategy)
     mirrored = strategies.create("mirrored", all_reduce="reduce_to_one_device")
     assert isinstance(mirrored, tf.distribute.MirroredStrategy)
     assert isinstance(mirrored.extended._cross_device_ops, tf.distribute.ReductionToOneDevice)
@@ -71,7 +75,8 @@ def test_auto_choice(info, tpu, expected):
 
 
 def test_auto_on_this_machine_is_one_device():
-    assert isinstance(strategies.create("auto", cluster=cluster.ClusterInfo()), tf.distribute.OneDeviceStrategy)
+    chosen = strategies.create("auto", cluster=cluster.ClusterInfo())
+    assert chosen is tf.distribute.get_strategy() and chosen.num_replicas_in_sync == 1  # no GPU: the CPU
 
 
 @pytest.mark.slow
