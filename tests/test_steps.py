@@ -29,7 +29,7 @@ def _fit(keras, strategy, micro_batches, *, bn=False, jit="off", epochs=1, batch
     y = (x[:, :4].mean(axis=(1, 2, 3)) > x[:, 4:].mean(axis=(1, 2, 3))).astype("int32")
     keras.utils.set_random_seed(1)
     with strategy.scope():
-        layers = [keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3)]
+        layers = [keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, kernel_regularizer=keras.regularizers.L2(1e-3))]
         layers += [keras.layers.BatchNormalization(momentum=0.5)] if bn else []
         layers += [keras.layers.ReLU(), keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")]
         model = keras.Sequential(layers)
@@ -153,3 +153,25 @@ def test_one_micro_batch_gives_back_keras_own_step():
     assert "train_step" in model.__dict__
     steps.accumulate(model, 1)
     assert "train_step" not in model.__dict__ and steps.micro_batches(model) == 1
+
+
+def test_moving_statistics_follow_every_micro_batch_in_order():
+    """One step of 2 micro-batches leaves BN's moving statistics where 2 training calls on the halves would."""
+    import keras
+
+    from tfpar import steps
+
+    x = np.random.default_rng(3).normal(2.0, 3.0, size=(16, 5)).astype("float32")
+    y = np.zeros((16, 1), "float32")
+    model = keras.Sequential([keras.Input((5,)), keras.layers.BatchNormalization(momentum=0.5), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    steps.accumulate(model, 2)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+    reference = keras.layers.BatchNormalization(momentum=0.5)
+    reference(x[:8], training=True)
+    reference(x[8:], training=True)
+    bn = model.layers[0]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), reference.moving_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), reference.moving_variance.numpy(), rtol=1e-5)
+    assert not np.allclose(bn.moving_mean.numpy(), 0.5 * x[8:].mean(axis=0))  # not just the last micro-batch

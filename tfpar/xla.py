@@ -135,6 +135,17 @@ def _train_step(model, warned):
     return steps.train_step(model, _compiled_or_fallback(model, "train", steps.forward_backward(model), warned))
 
 
+def _assigning(model, step_fn):
+    """``step_fn(state, *args)`` as a plain ``fn(*args)`` that assigns its updates (test and predict steps)."""
+
+    def run(*args):
+        result, updates = step_fn(steps.state_of(model), *args)
+        steps.assign(model, updates)
+        return result
+
+    return run
+
+
 def _test_step(model, warned):
     from keras.src.losses import loss as loss_module
 
@@ -143,7 +154,7 @@ def _test_step(model, warned):
         loss = model._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
         return loss, y_pred
 
-    step_fn = _compiled_or_fallback(model, "test", forward, warned)
+    step_fn = _assigning(model, _compiled_or_fallback(model, "test", steps.stateless(model, forward), warned))
 
     def test_step(data):
         x, y, sample_weight = steps.unpack(data)
@@ -155,7 +166,8 @@ def _test_step(model, warned):
 
 
 def _predict_step(model, warned):
-    step_fn = _compiled_or_fallback(model, "predict", lambda x: steps.call(model, x, training=False), warned)
+    predict = steps.stateless(model, lambda x: steps.call(model, x, training=False))
+    step_fn = _assigning(model, _compiled_or_fallback(model, "predict", predict, warned))
 
     def predict_step(data):
         x, _, _ = steps.unpack(data)
@@ -164,36 +176,24 @@ def _predict_step(model, warned):
     return predict_step
 
 
-def _compiled_or_fallback(model, kind, fn, warned):
-    """``fn`` XLA-compiled and side-effect free; its variable updates are applied outside XLA.
+def _compiled_or_fallback(model, kind, pure, warned):
+    """``pure`` (a ``steps.stateless`` function) XLA-compiled unless XLA cannot compile it.
 
     Layers update state in ``call`` (BatchNormalization's moving statistics,
     dropout seeds). Under a strategy such an update may all-reduce (tfpar's
     multi-worker compat makes BN statistics ``aggregation="mean"``), which
-    cannot happen inside one replica's XLA function. So ``fn`` runs in a
-    ``keras.StatelessScope`` (as Keras's JAX trainer does), returns the new
-    values, and they are assigned afterwards exactly as Keras would assign them.
+    cannot happen inside one replica's XLA function. So the compiled function
+    only returns the new values; the caller assigns them outside XLA
+    (``steps.assign``), exactly as Keras would.
     """
-    from keras import StatelessScope
-
-    def pure(*args):
-        with StatelessScope(collect_losses=True) as scope:
-            result = fn(*args)
-        updates = {}
-        for i, variable in enumerate(model.variables):
-            value = scope.get_current_value(variable)
-            if value is not None:
-                updates[str(i)] = value
-        return result, updates
-
     compiled = tf.function(pure, jit_compile=True, reduce_retracing=True)
     lock = threading.Lock()  # MirroredStrategy traces each replica in its own thread
     checked = set()
 
-    def run(*args):
+    def run(state, *args):
         with lock:
             if model._tfpar_xla.get(kind) == "xla" and kind not in checked:
-                reason = _why_not_compilable(pure, args, model)
+                reason = _why_not_compilable(pure, (state,) + args, model)
                 checked.add(kind)
                 if reason is not None:
                     model._tfpar_xla[kind] = "fallback"
@@ -203,11 +203,7 @@ def _compiled_or_fallback(model, kind, fn, warned):
                                       f"Its {kind} step (and any other step using it) runs without XLA.",
                                       stacklevel=2)
             use_xla = model._tfpar_xla.get(kind) == "xla"
-        result, updates = compiled(*args) if use_xla else pure(*args)
-        variables = model.variables
-        for i, value in updates.items():
-            variables[int(i)].assign(value)
-        return result
+        return compiled(state, *args) if use_xla else pure(state, *args)
 
     return run
 
