@@ -302,3 +302,22 @@ if __name__ == "__main__":
         _multi_worker(sys.argv[2])
     else:
         print(json.dumps(_scenarios()), flush=True)
+
+
+def test_weight_regularizers_train_under_xla_like_without_it():
+    """Keras reads regularized weights through the stateless scope; every weight must be mapped into it."""
+    import keras
+
+    from tfpar import xla
+
+    x = np.random.default_rng(5).normal(size=(2, 16, 4)).astype("float32")
+    y = np.ones((16, 2), "float32")
+    losses = {}
+    for jit in ("off", "on"):
+        keras.utils.set_random_seed(2)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, kernel_regularizer=keras.regularizers.L2(0.1))])
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        xla.enable(model, jit)
+        history = model.fit(x[0], y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        losses[jit] = history.history["loss"] + [model.evaluate(x[1], y, verbose=0)]
+    np.testing.assert_allclose(losses["on"], losses["off"], rtol=RTOL, atol=ATOL)
