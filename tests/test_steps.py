@@ -37,8 +37,9 @@ def _fit(keras, strategy, micro_batches, *, bn=False, jit="off", epochs=1, batch
     xla.enable(model, jit)
     steps.accumulate(model, micro_batches)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True)
+    initial = [w.tolist() for w in model.get_weights()]
     history = model.fit(ds, epochs=epochs, verbose=0, shuffle=False)
-    return {"weights": [w.tolist() for w in model.get_weights()], "loss": history.history["loss"],
+    return {"weights": [w.tolist() for w in model.get_weights()], "initial": initial, "loss": history.history["loss"],
             "accuracy": history.history["accuracy"], "updates": int(model.optimizer.iterations.numpy()),
             "replicas": strategy.num_replicas_in_sync}
 
@@ -87,6 +88,8 @@ def test_accumulated_micro_batches_make_the_same_update_as_the_whole_batch(mirro
     np.testing.assert_allclose(accumulated["loss"], plain["loss"], rtol=1e-5)
     assert accumulated["accuracy"] == plain["accuracy"]
     assert plain["weights"] != mirrored["bn_accumulated"]["weights"]  # the comparison can tell weights apart
+    # Training moved the weights, so matching the ordinary step is not a match of two untouched models.
+    assert _max_diff(accumulated, {"weights": accumulated["initial"]}) > 1e-2
 
 
 def test_accumulation_composes_with_per_replica_xla(mirrored):

@@ -15,8 +15,8 @@ backward on each micro-batch in turn and sums the gradients. It then makes
 one ``apply_gradients`` call: one all-reduce, one optimizer update. So a step
 is an update, ``optimizer.iterations`` counts updates, and
 ``steps_per_execution`` works unchanged. BatchNormalization normalises each
-micro-batch with its own statistics and updates its moving statistics once
-per micro-batch, as with a batch of that size.
+micro-batch with its own statistics, and its moving statistics follow every
+micro-batch in order, as with batches of that size.
 
 State that layers update in ``call`` (BatchNormalization's moving
 statistics, dropout seeds) is not assigned per micro-batch. Each micro-batch
@@ -162,7 +162,6 @@ def train_step(model, step_fn):
         model.optimizer.apply_gradients(zip(summed, model.trainable_weights))
         return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
-    train_step.tfpar_micro_batch_step = True
     return train_step
 
 
@@ -189,15 +188,12 @@ def accumulate(model, micro_batches):
                          f"micro-batches; use grad_accum_steps=1.")
     model._tfpar_micro_batches = micro_batches
     installed = model.__dict__.get("train_step")
-    if micro_batches > 1 and installed is None:
+    if micro_batches > 1 and installed is None:  # tfpar.xla's step, when installed, honours it already
         model.train_step = train_step(model, forward_backward(model))
-    elif micro_batches == 1 and getattr(installed, "tfpar_micro_batch_step", False) and not _xla_owns(model):
-        del model.train_step
+        model.train_step.tfpar_accumulating = True
+    elif micro_batches == 1 and getattr(installed, "tfpar_accumulating", False):
+        del model.train_step  # Keras's own step again
     model.train_function = None
-
-
-def _xla_owns(model):
-    return getattr(model, "_tfpar_xla", {}).get("train") in ("xla", "fallback")
 
 
 def _split(batch, count):
