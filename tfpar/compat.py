@@ -1,5 +1,7 @@
 """Small, version-gated fixes that make Keras 3 ``fit``/``evaluate``/``predict``
-work under ``MultiWorkerMirroredStrategy`` (DESIGN.md items 1-2).
+work under ``MultiWorkerMirroredStrategy`` (DESIGN.md items 1-2), and its
+saving (``model.save``, ``ModelCheckpoint``, ``BackupAndRestore``; item 16,
+implemented in ``tfpar/worker_saving.py``).
 
 Each fix:
   * names its upstream issue;
@@ -205,6 +207,50 @@ def _install_loss_scale_finite():
     cls.check_finite = check_finite
 
 
+# --- Keras 3 saving has no chief (DESIGN.md item 16); code in tfpar/worker_saving.py --
+
+def _no_chief(source):
+    return "should_checkpoint" not in source and "chief" not in source
+
+
+def _model_save_present():
+    from keras.src.saving import saving_api
+
+    return _no_chief(_source(saving_api.save_model) + _source(saving_api.save_weights))
+
+
+def _model_checkpoint_present():
+    import keras
+
+    source = _source(keras.callbacks.ModelCheckpoint._save_model)
+    return "self.model.save" in source and _no_chief(source)
+
+
+def _backup_chief_present():
+    import keras
+
+    cls = keras.callbacks.BackupAndRestore
+    source = _source(cls._save_model)
+    return ("save_weights(" in source and _no_chief(source + _source(cls.on_train_end))
+            and "_weights_path" in _source(cls.__init__))
+
+
+def _backup_resume_present():
+    import keras
+
+    source = _source(keras.callbacks.BackupAndRestore._load_model)
+    return "_initial_epoch" in source and '"batch"' not in source and "'batch'" not in source
+
+
+def _install(name):
+    def install():
+        from tfpar import worker_saving
+
+        getattr(worker_saving, name)()
+
+    return install
+
+
 FIXES = (
     Fix("symbolic_build_reduce", "keras-team/keras#20585",
         "build the model from a local replica's first batch in multi-worker fit/evaluate",
@@ -218,6 +264,19 @@ FIXES = (
     Fix("loss_scale_finite_agreement", "no upstream issue found (Keras assumes all-reduced gradients)",
         "all workers agree on skipping a float16 step with non-finite gradients instead of hanging",
         _loss_scale_finite_present, _install_loss_scale_finite),
+    Fix("model_save_chief_only", "no upstream issue found (tf_keras: the tutorial's write_filepath)",
+        "model.save/save_weights under multi-worker: only the chief writes the path, others a temporary directory",
+        _model_save_present, _install("install_model_save")),
+    Fix("model_checkpoint_chief_only", "no upstream issue found (tf_keras ModelCheckpoint did this)",
+        "ModelCheckpoint under multi-worker: only the chief writes filepath, others a temporary directory",
+        _model_checkpoint_present, _install("install_model_checkpoint")),
+    # Before backup_chief_only: that one's _save_model wraps this one's, so a non-chief's metadata goes to its temp dir.
+    Fix("backup_resume_step", "no upstream issue found (Keras records the batch, restores only the epoch)",
+        "BackupAndRestore resumes at the saved epoch and step; a foreign backup_dir is refused",
+        _backup_resume_present, _install("install_backup_resume")),
+    Fix("backup_chief_only", "no upstream issue found (DESIGN.md item 16; tf_keras let only the chief write)",
+        "BackupAndRestore under multi-worker: only the chief writes and deletes, every worker restores its files",
+        _backup_chief_present, _install("install_backup_chief_only")),
 )
 NAMES = tuple(f.name for f in FIXES)
 
