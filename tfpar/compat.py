@@ -53,8 +53,10 @@ def _keras_needs_fixes():
 
 
 def _source(fn):
+    while hasattr(fn, "__tfpar_original__"):  # Keras's own code, under every tfpar wrapper
+        fn = fn.__tfpar_original__
     try:
-        return inspect.getsource(getattr(fn, "__tfpar_original__", fn))
+        return inspect.getsource(fn)
     except (OSError, TypeError):
         return ""
 
