@@ -18,23 +18,21 @@ after the steps it still owed, as ``tfpar.backup`` does), and refuse, in one
 sentence and before anything is written, a backup directory that holds
 another model's backup or something that is not a Keras 3 backup.
 
-The install functions are called by ``tfpar.compat.apply()``; each wraps one
-Keras method and delegates to it unchanged outside multi-worker runs.
+The install functions are called by ``tfpar.compat.apply()``. Each wraps the
+few Keras methods involved; the chief-only ones delegate to Keras unchanged
+outside multi-worker runs, the resume one applies under any strategy.
 """
 
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
 
 from tfpar.strategies import is_multi_worker
 
-log = logging.getLogger("tfpar")
-
-KERAS_KEY = "tfpar"  # our entry in BackupAndRestore's training_metadata.json
+METADATA_KEY = "tfpar"  # our entry in BackupAndRestore's training_metadata.json
 # BackupAndRestore's attributes naming the files it writes (Keras 3.x).
 BACKUP_PATHS = ("_weights_path", "_training_metadata_path", "_prev_weights_path", "_prev_training_metadata_path")
 
@@ -151,8 +149,8 @@ def install_backup_chief_only():
     ``double_checkpoint``) into a temporary directory, and restores from a
     private copy of the chief's files, so Keras's repair of a damaged backup
     (copying ``.bkp`` over it) happens on the chief alone. At the end all
-    workers meet before the chief deletes the backup, so none is still
-    reading it.
+    workers meet before the chief deletes the backup (none is still reading
+    it) and after (none starts another fit that would find it).
     """
     import keras
 
@@ -183,11 +181,14 @@ def install_backup_chief_only():
 
     def on_train_end(self, logs=None):
         strategy = _strategy_of(self.model)
-        if is_multi_worker(strategy):
-            _barrier(strategy)
-            if not strategy.extended.should_checkpoint:
-                return None
-        return originals["on_train_end"](self, logs)
+        if not is_multi_worker(strategy):
+            return originals["on_train_end"](self, logs)
+        _barrier(strategy)  # no worker is still restoring from the backup
+        try:
+            if strategy.extended.should_checkpoint:
+                originals["on_train_end"](self, logs)
+        finally:
+            _barrier(strategy)  # and none starts a new fit before it is deleted
 
     for name, fn in (("on_train_begin", on_train_begin), ("_save_model", _save_model),
                      ("on_train_end", on_train_end)):
@@ -237,7 +238,7 @@ def _check_backup_dir(callback):
             f"backup_dir {directory} holds no Keras 3 BackupAndRestore backup ({shown}): another tool's or "
             f"Keras 2's files, which Keras would delete at the end; use an empty or new backup_dir.")
     meta = _read_json(callback._training_metadata_path) or {}
-    mine = meta.get(KERAS_KEY) or {}
+    mine = meta.get(METADATA_KEY) or {}
     version = mine.get("keras_version")
     if version and version.split(".")[0] != keras.__version__.split(".")[0]:
         raise ValueError(
@@ -273,7 +274,7 @@ def install_backup_resume():
         meta = _read_json(self._training_metadata_path)
         if meta and os.path.exists(self._weights_path):
             epoch = int(meta.get("epoch", 0))
-            mine = meta.get(KERAS_KEY) or {}
+            mine = meta.get(METADATA_KEY) or {}
             if "steps_done" in mine:
                 done = int(mine["steps_done"])
             else:  # a plain Keras backup: "batch" is the last step's index, 0 also at an epoch's end
@@ -317,7 +318,7 @@ def install_backup_resume():
         result = originals["_save_model"](self)
         meta = _read_json(self._training_metadata_path)
         if meta is not None:
-            meta[KERAS_KEY] = {"steps_done": getattr(self, "_tfpar_steps_done", 0),
+            meta[METADATA_KEY] = {"steps_done": getattr(self, "_tfpar_steps_done", 0),
                                "signature": weights_signature(self.model), "keras_version": keras.__version__}
             _write_json_atomic(self._training_metadata_path, meta)
         return result
