@@ -1,5 +1,6 @@
 """Small, version-gated fixes that make Keras 3 ``fit``/``evaluate``/``predict``
-work under ``MultiWorkerMirroredStrategy`` (DESIGN.md items 1-2).
+work under ``MultiWorkerMirroredStrategy`` (DESIGN.md items 1-2), and
+``fit``/``evaluate`` under ``ParameterServerStrategy`` (item 4, ``tfpar.ps_fit``).
 
 Each fix:
   * names its upstream issue;
@@ -12,7 +13,7 @@ Each fix:
   * is idempotent and logged once.
 
 ``apply()`` is public for users who build their own strategy;
-``tfpar.strategies.create`` calls it for ``multi_worker``. Set
+``tfpar.strategies.create`` calls it for ``multi_worker`` and ``parameter_server``. Set
 ``TFPAR_COMPAT_DISABLE=all`` (or a comma-separated list of fix names) to turn
 fixes off, e.g. to check whether upstream still needs them.
 """
@@ -205,6 +206,40 @@ def _install_loss_scale_finite():
     cls.check_finite = check_finite
 
 
+# --- keras-team/keras#18624: fit/evaluate have no ParameterServerStrategy path ---
+
+PS_FIT = "parameter_server_fit"
+
+
+def ps_fit_needed():
+    """True while the installed Keras's TF trainer has no ClusterCoordinator path in ``fit``."""
+    return "coordinator" not in _source(_trainer_module().TensorFlowTrainer.fit).lower()
+
+
+def _install_ps_fit():
+    """Send ``fit``/``evaluate`` of a model under ``ParameterServerStrategy`` to ``tfpar.ps_fit``.
+
+    Keras 3 hands the dataset to ``experimental_distribute_dataset`` and stops
+    ("you need to pass this dataset to ClusterCoordinator.create_per_worker_dataset").
+    Every other strategy calls Keras's own methods unchanged.
+    """
+    from tfpar import ps_fit
+
+    trainer_cls = _trainer_module().TensorFlowTrainer
+    for name in ("fit", "evaluate"):
+        original = getattr(trainer_cls, name)
+        ours = getattr(ps_fit, name)
+
+        def method(self, *args, _original=original, _ours=ours, **kwargs):
+            if ps_fit.is_parameter_server(self.distribute_strategy):
+                return _ours(self, *args, **kwargs)
+            return _original(self, *args, **kwargs)
+
+        method.__name__, method.__doc__ = original.__name__, original.__doc__
+        method.__tfpar_original__ = original
+        setattr(trainer_cls, name, method)
+
+
 FIXES = (
     Fix("symbolic_build_reduce", "keras-team/keras#20585",
         "build the model from a local replica's first batch in multi-worker fit/evaluate",
@@ -218,6 +253,9 @@ FIXES = (
     Fix("loss_scale_finite_agreement", "no upstream issue found (Keras assumes all-reduced gradients)",
         "all workers agree on skipping a float16 step with non-finite gradients instead of hanging",
         _loss_scale_finite_present, _install_loss_scale_finite),
+    Fix(PS_FIT, "keras-team/keras#18624",
+        "model.fit/evaluate under ParameterServerStrategy through a ClusterCoordinator (tfpar.ps_fit)",
+        ps_fit_needed, _install_ps_fit),
 )
 NAMES = tuple(f.name for f in FIXES)
 
