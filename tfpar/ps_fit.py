@@ -39,10 +39,21 @@ What this does, as tf_keras did:
 
 import logging
 import time
+import weakref
 
 import numpy as np
 
 log = logging.getLogger("tfpar")
+
+_FUNCTIONS = weakref.WeakKeyDictionary()  # model -> {key: tf.function}, traced once per model
+
+
+def _cached(model, key, make):
+    functions = _FUNCTIONS.setdefault(model, {})
+    if key not in functions:
+        functions[key] = make()
+    return functions[key]
+
 
 #: fit/evaluate arguments that only make sense for in-memory arrays.
 _ARRAY_ONLY = ("y", "sample_weight", "class_weight", "validation_split", "batch_size")
@@ -274,12 +285,9 @@ def fit(model, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
     coordinator = coordinator_for(strategy)
     _build(model, x)
     per_execution = max(1, int(model.steps_per_execution or 1))
-    functions = {}
 
     def function_for(steps):
-        if steps not in functions:
-            functions[steps] = _train_function(model, steps)
-        return functions[steps]
+        return _cached(model, ("train", steps), lambda: _train_function(model, steps))
 
     verbose = 2 if verbose == "auto" else verbose  # per-batch progress means nothing when steps are async
     if not isinstance(callbacks, keras.callbacks.CallbackList):
@@ -359,7 +367,7 @@ def evaluate(model, x=None, y=None, batch_size=None, verbose="auto", sample_weig
         callbacks = keras.callbacks.CallbackList(
             callbacks, add_progbar=verbose != 0, verbose=2 if verbose == "auto" else verbose, epochs=1,
             steps=steps, model=model)
-    test = _test_function(model)
+    test = _cached(model, "test", lambda: _test_function(model))
     metrics = _tracked_metrics(model)
     states = [m.stateless_reset_state() for m in metrics]
     model.stop_evaluating = False

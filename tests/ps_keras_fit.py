@@ -1,0 +1,133 @@
+"""Plain Keras 3 ``model.fit`` under a user-built ``ParameterServerStrategy`` (the chief of a cluster).
+
+The official tutorial's pattern ("Parameter server training with
+ParameterServerStrategy", Keras ``model.fit``) with ``tfpar.compat.apply()``
+added. Run as the chief by ``tfpar-launch --workers 2 --ps 1``; writes what it
+saw to ``argv[1]`` (JSON) for tests/test_ps_fit.py.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+import tfpar.compat
+
+tfpar.compat.apply()
+
+out_path = sys.argv[1]
+work = os.path.dirname(out_path)
+STEPS, EPOCHS = 9, 4  # with steps_per_execution=2: 4 scheduled functions of 2 steps, 1 of 1
+
+cluster_resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+strategy = tf.distribute.ParameterServerStrategy(
+    cluster_resolver,
+    variable_partitioner=tf.distribute.experimental.partitioners.MinSizePartitioner(
+        min_shard_bytes=256 << 10, max_shards=1))
+
+rng = np.random.RandomState(0)
+x = rng.rand(512, 8).astype("float32")
+y = (x[:, :4].sum(1) > x[:, 4:].sum(1)).astype("int32")
+
+
+def dataset_fn(input_context):
+    batch_size = input_context.get_per_replica_batch_size(32)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(512).repeat()
+    dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    return dataset.batch(batch_size).prefetch(2)
+
+
+def make_model():
+    with strategy.scope():
+        model = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(2)])
+        model.compile(keras.optimizers.Adam(0.01),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"], steps_per_execution=2)
+    return model
+
+
+class Record(keras.callbacks.Callback):
+    """What a user's callback sees: batch hooks, epoch logs and the optimizer's step count."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs, self.batch_ends, self.begin_weights = [], 0, None
+
+    def on_train_begin(self, logs=None):
+        self.begin_weights = [w.tolist() for w in self.model.get_weights()]
+        self.begin_iterations = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batch_ends += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epochs.append({"epoch": epoch, "iterations": int(self.model.optimizer.iterations.numpy()),
+                            "batch_ends": self.batch_ends, "logs": {k: float(v) for k, v in logs.items()},
+                            "weights": [w.tolist() for w in self.model.get_weights()]})
+        self.batch_ends = 0
+
+
+class Interrupt(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == 2:
+            raise RuntimeError("interrupted")
+
+
+result = {}
+# 1. A tf.data.Dataset (each worker gets its own copy), validation, evaluate.
+train = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(512, seed=1).repeat().batch(32)
+val = tf.data.Dataset.from_tensor_slices((x[:96], y[:96])).batch(32)
+model = make_model()
+record = Record()
+history = model.fit(train, epochs=EPOCHS, steps_per_epoch=STEPS, validation_data=val, callbacks=[record])
+result["dataset"] = {"history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+                     "epochs": [{k: v for k, v in e.items() if k != "weights"} for e in record.epochs],
+                     "evaluate": model.evaluate(val, return_dict=True),
+                     "evaluate_list": model.evaluate(val),
+                     "weights_on": sorted({v.device for v in model.weights[0].value.variables}
+                                          if hasattr(model.weights[0].value, "variables")
+                                          else {model.weights[0].value.device})}
+
+# 2. A function of an InputContext with Keras's BackupAndRestore: interrupted at epoch 2, resumed.
+backup_dir = os.path.join(work, "backup")
+first = Record()
+model = make_model()
+try:
+    model.fit(dataset_fn, epochs=EPOCHS, steps_per_epoch=STEPS,
+              callbacks=[keras.callbacks.BackupAndRestore(backup_dir), first, Interrupt()])
+except RuntimeError as err:
+    result["interrupted"] = str(err)
+result["backup_files"] = sorted(os.listdir(backup_dir))
+second = Record()
+model = make_model()  # fresh variables: everything must come from the backup
+history = model.fit(dataset_fn, epochs=EPOCHS, steps_per_epoch=STEPS,
+                    callbacks=[keras.callbacks.BackupAndRestore(backup_dir), second])
+result["resume"] = {
+    "first_epochs": [e["epoch"] for e in first.epochs],
+    "second_epochs": [e["epoch"] for e in second.epochs],
+    "restored_equal_saved": all(np.allclose(a, b) for a, b in zip(second.begin_weights, first.epochs[-1]["weights"])),
+    "begin_iterations": second.begin_iterations,
+    "iterations": [e["iterations"] for e in second.epochs],
+    "loss": [first.epochs[0]["logs"]["loss"]] + [e["logs"]["loss"] for e in second.epochs],
+    "backup_dir_left": os.path.exists(backup_dir),
+}
+
+# 3. Mistakes get one sentence.
+errors = {}
+for name, call in {
+    "no_steps": lambda: model.fit(train, epochs=1),
+    "arrays": lambda: model.fit(x, y, epochs=1, steps_per_epoch=2),
+}.items():
+    try:
+        call()
+    except ValueError as err:
+        errors[name] = str(err)
+result["errors"] = errors
+
+with open(out_path + ".tmp", "w") as f:
+    json.dump(result, f)
+os.replace(out_path + ".tmp", out_path)
+print("DONE", flush=True)
