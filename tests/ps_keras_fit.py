@@ -77,6 +77,42 @@ class Interrupt(keras.callbacks.Callback):
 
 
 result = {}
+# 0. The tutorial's Keras model.fit cell (Keras 3: dataset_fn itself instead of DatasetCreator,
+#    keras.optimizers.SGD instead of the removed legacy one, and a ".keras" checkpoint path).
+
+
+def tutorial_dataset_fn(input_context):
+    global_batch_size = 64
+    batch_size = input_context.get_per_replica_batch_size(global_batch_size)
+    x = tf.random.uniform((10, 10))
+    y = tf.random.uniform((10, 1))  # Keras 3 does not broadcast a (batch,) target against (batch, 10)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(10).repeat()
+    dataset = dataset.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    dataset = dataset.batch(batch_size)
+    dataset = dataset.prefetch(2)
+    return dataset
+
+
+with strategy.scope():
+    model = keras.models.Sequential([keras.layers.Dense(10)])
+    model.compile(keras.optimizers.SGD(), loss="mse", steps_per_execution=10)
+working_dir = os.path.join(work, "my_working_dir")
+log_dir = os.path.join(working_dir, "log")
+ckpt_filepath = os.path.join(working_dir, "ckpt.keras")
+callbacks = [
+    keras.callbacks.TensorBoard(log_dir=log_dir),
+    keras.callbacks.ModelCheckpoint(filepath=ckpt_filepath),
+    keras.callbacks.BackupAndRestore(backup_dir=os.path.join(working_dir, "backup")),
+]
+history = model.fit(tutorial_dataset_fn, epochs=5, steps_per_epoch=20, callbacks=callbacks)
+saved = keras.models.load_model(ckpt_filepath)
+result["tutorial"] = {
+    "loss": [float(v) for v in history.history["loss"]],
+    "iterations": int(model.optimizer.iterations.numpy()),
+    "checkpoint_equal": all(np.allclose(a, b) for a, b in zip(saved.get_weights(), model.get_weights())),
+    "log_dir": sorted(os.listdir(log_dir)),
+    "working_dir": sorted(os.listdir(working_dir)),
+}
 # 1. A tf.data.Dataset (each worker gets its own copy), validation, evaluate.
 train = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(512, seed=1).repeat().batch(32)
 val = tf.data.Dataset.from_tensor_slices((x[:96], y[:96])).batch(32)

@@ -39,6 +39,11 @@ def test_keras_fit_and_evaluate_under_a_user_built_ps_strategy(tmp_path):
     assert code == 0, text[-6000:]
     result = json.loads(out.read_text())
 
+    tutorial = result["tutorial"]  # the official tutorial's model.fit cell
+    assert len(tutorial["loss"]) == 5 and tutorial["loss"][-1] < tutorial["loss"][0], tutorial
+    assert tutorial["iterations"] == 100 and tutorial["checkpoint_equal"], tutorial
+    assert tutorial["log_dir"] == ["train"] and tutorial["working_dir"] == ["ckpt.keras", "log"], tutorial
+
     run = result["dataset"]
     steps, epochs, examples = 9, 4, 9 * 32
     # Exact bookkeeping: 9 steps per epoch as 4 functions of 2 steps and 1 of 1 (steps_per_execution=2).

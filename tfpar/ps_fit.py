@@ -22,8 +22,8 @@ What this does, as tf_keras did:
   read-then-assign, which loses updates when workers run concurrently (so does
   ``optimizer.iterations``, DESIGN.md item 14). Here each scheduled function
   starts the loss and compiled metrics from a reset state, updates them
-  statelessly and returns the state; the coordinator adds the states of every
-  finished function and computes the results. The finished steps are counted
+  statelessly and returns how the state changed; the coordinator adds the
+  changes of every finished function and computes the results. The finished steps are counted
   on the coordinator, and ``optimizer.iterations`` is set to that count after
   each epoch, when no step is in flight.
 * Batch-level callback hooks run once per scheduled function, with empty
@@ -150,7 +150,7 @@ def _update_states(model, states, x, y, y_pred, sample_weight, loss):
 
 
 class _StateSum:
-    """Adds the metric states that finished functions return; results like ``get_metrics_result``."""
+    """Adds the metric-state changes that finished functions return; results like ``get_metrics_result``."""
 
     def __init__(self, model):
         self.model = model
@@ -158,10 +158,11 @@ class _StateSum:
         self.initial = [[np.asarray(v) for v in m.stateless_reset_state()] for m in self.metrics]
         self.total = [[v.copy() for v in state] for state in self.initial]
 
-    def add(self, states):
-        for total, initial, state in zip(self.total, self.initial, states):
-            for i, value in enumerate(state):
-                total[i] = total[i] + (np.asarray(value) - initial[i])
+    def add(self, deltas):
+        """Add one function's change of every metric state (summed over its steps and replicas)."""
+        for total, delta in zip(self.total, deltas):
+            for i, value in enumerate(delta):
+                total[i] = total[i] + np.asarray(value)
 
     def results(self):
         logs = {}
@@ -178,7 +179,13 @@ class _StateSum:
 
 
 def _train_function(model, steps):
-    """A ``tf.function`` a worker runs: ``steps`` train steps, returning the metric states."""
+    """A ``tf.function`` a worker runs: ``steps`` train steps; returns how they changed the metric states.
+
+    Each replica's step starts the metrics from their reset state and returns
+    the change; the changes are summed over the worker's replicas and steps
+    (Keras's loss, mean, sum, accuracy and confusion-matrix metrics all keep
+    additive states), and the coordinator adds those of every function.
+    """
     import tensorflow as tf
 
     from tfpar import parameter_server
@@ -186,10 +193,11 @@ def _train_function(model, steps):
     strategy = model.distribute_strategy
     default_step = _uses_default_train_step(model)
 
-    def replica_step(data, states):
+    def replica_step(data):
+        initial = [m.stateless_reset_state() for m in _tracked_metrics(model)]
         if not default_step:
             model.train_step(data)  # a custom step keeps Keras's stateful metrics
-            return states
+            return [[tf.zeros_like(v) for v in state] for state in initial]
         x, y, sample_weight = _unpack(data)
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
@@ -198,14 +206,17 @@ def _train_function(model, steps):
         weights = model.trainable_weights
         grads = parameter_server._gradients(tape, scaled, weights)  # partitioned weights too
         model.optimizer.apply_gradients(zip(grads, weights))
-        return _update_states(model, states, x, y, y_pred, sample_weight, loss)
+        new = _update_states(model, initial, x, y, y_pred, sample_weight, loss)
+        return [[n - i for n, i in zip(ns, si)] for ns, si in zip(new, initial)]
 
     @tf.function
     def function(iterator):
-        states = [m.stateless_reset_state() for m in _tracked_metrics(model)]
+        total = None
         for _ in range(steps):
-            states = strategy.run(replica_step, args=(next(iterator), states))
-        return states
+            deltas = strategy.run(replica_step, args=(next(iterator),))
+            deltas = tf.nest.map_structure(lambda d: strategy.reduce("SUM", d, axis=None), deltas)
+            total = deltas if total is None else tf.nest.map_structure(tf.add, total, deltas)
+        return total
 
     return function
 
@@ -379,7 +390,7 @@ def evaluate(model, x=None, y=None, batch_size=None, verbose="auto", sample_weig
         if model.stop_evaluating:
             break
     sums = _StateSum(model)
-    sums.add([[keras.ops.convert_to_numpy(v) for v in s] for s in states])
+    sums.add([[keras.ops.convert_to_numpy(v) - i for v, i in zip(s, si)] for s, si in zip(states, sums.initial)])
     logs = sums.results()
     callbacks.on_test_end(logs)
     return logs if return_dict else model._flatten_metrics_in_order(logs)
