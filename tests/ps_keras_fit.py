@@ -3,7 +3,8 @@
 The official tutorial's pattern ("Parameter server training with
 ParameterServerStrategy", Keras ``model.fit``) with ``tfpar.compat.apply()``
 added. Run as the chief by ``tfpar-launch --workers 2 --ps 1``; writes what it
-saw to ``argv[1]`` (JSON) for tests/test_ps_fit.py.
+saw to ``argv[1]`` (JSON) for tests/test_ps_fit.py. ``argv[2] == "upstream"``
+records how stock Keras fails instead (run with the fix disabled).
 """
 
 import json
@@ -77,6 +78,21 @@ class Interrupt(keras.callbacks.Callback):
 
 
 result = {}
+if sys.argv[2:] == ["upstream"]:  # run with the fix disabled: how stock Keras 3 fails on both kinds of input
+    with strategy.scope():
+        model = keras.Sequential([keras.layers.Dense(2)])
+        model.compile("sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    train = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(32)
+    for name, data in (("dataset", train), ("function", dataset_fn)):
+        try:
+            model.fit(data, epochs=1, steps_per_epoch=2)
+            result[name] = "trained"
+        except ValueError as err:
+            result[name] = str(err)
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+    sys.exit(0)
+
 # 0. The tutorial's Keras model.fit cell (Keras 3: dataset_fn itself instead of DatasetCreator,
 #    keras.optimizers.SGD instead of the removed legacy one, and a ".keras" checkpoint path).
 
