@@ -167,6 +167,28 @@ result["resume"] = {
     "backup_dir_left": os.path.exists(backup_dir),
 }
 
+# 2b. BackupAndRestore every 4 steps, keeping the previous backup too: the backup taken in
+#     epoch 2 resumes at that epoch's start (Keras 3 repeats a partly done epoch).
+backup_dir = os.path.join(work, "backup_steps")
+first, second = Record(), Record()
+model = make_model()
+try:
+    model.fit(train, epochs=EPOCHS, steps_per_epoch=STEPS,
+              callbacks=[keras.callbacks.BackupAndRestore(backup_dir, save_freq=4, double_checkpoint=True),
+                         first, Interrupt()])
+except RuntimeError:
+    pass
+files = sorted(os.listdir(backup_dir))
+with open(os.path.join(backup_dir, "training_metadata.json")) as f:
+    metadata = json.load(f)
+model = make_model()
+model.fit(train, epochs=EPOCHS, steps_per_epoch=STEPS, callbacks=[
+    keras.callbacks.BackupAndRestore(backup_dir, save_freq=4, double_checkpoint=True, delete_checkpoint=False),
+    second])
+result["resume_steps"] = {"files": files, "metadata": metadata, "second_epochs": [e["epoch"] for e in second.epochs],
+                          "iterations": [e["iterations"] for e in second.epochs],
+                          "kept": sorted(os.listdir(backup_dir))}
+
 # 3. Mistakes get one sentence.
 errors = {}
 for name, call in {

@@ -70,6 +70,14 @@ def test_keras_fit_and_evaluate_under_a_user_built_ps_strategy(tmp_path):
     assert resume["loss"][-1] < resume["loss"][0] * 0.9, resume["loss"]
     assert not resume["backup_dir_left"]  # delete_checkpoint=True after a finished fit
 
+    steps_backup = result["resume_steps"]  # save_freq=4, double_checkpoint=True
+    assert steps_backup["files"] == ["latest.weights.h5", "latest.weights.h5.bkp", "training_metadata.json",
+                                     "training_metadata.json.bkp"], steps_backup
+    resumed_at = steps_backup["metadata"]["epoch"]
+    assert resumed_at in (1, 2) and steps_backup["second_epochs"] == list(range(resumed_at, epochs)), steps_backup
+    assert steps_backup["iterations"] == [steps * (e + 1) for e in range(resumed_at, epochs)], steps_backup
+    assert steps_backup["kept"] == steps_backup["files"]  # delete_checkpoint=False
+
     assert "needs steps_per_epoch" in result["errors"]["no_steps"]
     assert "takes a tf.data.Dataset or a function input_context -> tf.data.Dataset; got ndarray" in (
         result["errors"]["arrays"])

@@ -309,7 +309,13 @@ def fit(model, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
     iterator = _per_worker_iterator(coordinator, x)
     model.stop_training = False
     callbacks.on_train_begin()
-    finished = int(keras.ops.convert_to_numpy(model.optimizer.iterations))  # restored by a backup, if any
+    finished = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    if model._initial_epoch:
+        # A backup restored on_train_begin resumes at the start of this epoch (BackupAndRestore
+        # repeats a partly done epoch), so exactly this many steps are done; a backup taken
+        # mid-epoch holds the in-flight, approximate count.
+        finished = model._initial_epoch * steps_per_epoch
+        model.optimizer.iterations.assign(finished)
     initial_epoch = model._initial_epoch or initial_epoch
     training_logs = None
     for epoch in range(initial_epoch, epochs):
