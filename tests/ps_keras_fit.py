@@ -189,6 +189,43 @@ result["resume_steps"] = {"files": files, "metadata": metadata, "second_epochs":
                           "iterations": [e["iterations"] for e in second.epochs],
                           "kept": sorted(os.listdir(backup_dir))}
 
+# 2c. A model with its own train_step and test_step (Keras's "customizing fit" pattern).
+class CustomStep(keras.Model):
+    def update(self, loss, y_batch, y_pred):
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss)
+            else:
+                metric.update_state(y_batch, y_pred)
+        return self.get_metrics_result()
+
+    def train_step(self, data):
+        x_batch, y_batch = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x_batch, training=True)
+            loss = self.compute_loss(y=y_batch, y_pred=y_pred)
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return self.update(loss, y_batch, y_pred)
+
+    def test_step(self, data):
+        x_batch, y_batch = data
+        y_pred = self(x_batch, training=False)
+        loss = self.compute_loss(y=y_batch, y_pred=y_pred)
+        return self.update(loss, y_batch, y_pred)
+
+
+with strategy.scope():
+    inputs = keras.Input((8,))
+    model = CustomStep(inputs, keras.layers.Dense(2)(keras.layers.Dense(16, activation="relu")(inputs)))
+    model.compile(keras.optimizers.Adam(0.01), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+before = model.evaluate(val, return_dict=True, verbose=0)
+history = model.fit(train, epochs=3, steps_per_epoch=STEPS, verbose=0)
+after = model.evaluate(val, return_dict=True, verbose=0)
+result["custom_step"] = {"before": before, "after": after, "iterations": int(model.optimizer.iterations.numpy()),
+                         "history_keys": sorted(history.history)}
+
 # 3. Mistakes get one sentence.
 errors = {}
 for name, call in {

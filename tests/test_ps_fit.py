@@ -78,6 +78,12 @@ def test_keras_fit_and_evaluate_under_a_user_built_ps_strategy(tmp_path):
     assert steps_backup["iterations"] == [steps * (e + 1) for e in range(resumed_at, epochs)], steps_backup
     assert steps_backup["kept"] == steps_backup["files"]  # delete_checkpoint=False
 
+    custom = result["custom_step"]  # its own train_step on the workers, test_step on the chief
+    assert custom["iterations"] == 3 * steps and custom["history_keys"] == ["accuracy", "loss"], custom
+    assert custom["after"]["loss"] < custom["before"]["loss"] * 0.9, custom
+    assert 0.0 <= custom["after"]["accuracy"] <= 1.0 and custom["after"]["accuracy"] * 96 == pytest.approx(
+        round(custom["after"]["accuracy"] * 96), abs=1e-3), custom  # 96 validation examples, on the chief
+
     assert "needs steps_per_epoch" in result["errors"]["no_steps"]
     assert "takes a tf.data.Dataset or a function input_context -> tf.data.Dataset; got ndarray" in (
         result["errors"]["arrays"])

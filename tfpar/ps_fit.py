@@ -126,10 +126,14 @@ def _tracked_metrics(model):
     return [m for m in (model._loss_tracker, model._compile_metrics) if m is not None]
 
 
-def _uses_default_train_step(model):
+def _trainer_class():
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
-    return type(model).train_step is TensorFlowTrainer.train_step
+    return TensorFlowTrainer
+
+
+def _uses_default_train_step(model):
+    return type(model).train_step is _trainer_class().train_step
 
 
 def _update_states(model, states, x, y, y_pred, sample_weight, loss):
@@ -225,8 +229,13 @@ def _test_function(model):
     """One evaluation batch on the coordinator: the metric states after it."""
     import tensorflow as tf
 
+    custom = type(model).test_step is not _trainer_class().test_step
+
     @tf.function(reduce_retracing=True)
     def function(data, states):
+        if custom:
+            model.test_step(data)  # Keras's stateful metrics: exact here, on the one coordinator
+            return states
         x, y, sample_weight = _unpack(data)
         y_pred = model(x, training=False)
         loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
@@ -387,6 +396,9 @@ def evaluate(model, x=None, y=None, batch_size=None, verbose="auto", sample_weig
     test = _cached(model, "test", lambda: _test_function(model))
     metrics = _tracked_metrics(model)
     states = [m.stateless_reset_state() for m in metrics]
+    custom = type(model).test_step is not _trainer_class().test_step
+    if custom:
+        model.reset_metrics()
     model.stop_evaluating = False
     callbacks.on_test_begin()
     for step, data in enumerate(dataset):
@@ -397,7 +409,7 @@ def evaluate(model, x=None, y=None, batch_size=None, verbose="auto", sample_weig
             break
     sums = _StateSum(model)
     sums.add([[keras.ops.convert_to_numpy(v) - i for v, i in zip(s, si)] for s, si in zip(states, sums.initial)])
-    logs = sums.results()
+    logs = _stateful_logs(model) if custom else sums.results()
     callbacks.on_test_end(logs)
     return logs if return_dict else model._flatten_metrics_in_order(logs)
 
