@@ -27,7 +27,7 @@ def launch_two_workers(tmp_path, *args, env=None, timeout=240, script="mw_keras_
 def test_every_fix_names_its_upstream_issue_and_is_needed_by_this_keras():
     assert compat.NAMES == ("symbolic_build_reduce", "scalar_log_reduce", "bn_moving_stats_mean",
                             "loss_scale_finite_agreement", "model_save_chief_only", "model_checkpoint_chief_only",
-                            "backup_resume_step", "backup_chief_only")
+                            "backup_resume_step", "backup_chief_only", "parameter_server_fit")
     assert [f.upstream for f in compat.FIXES][:2] == ["keras-team/keras#20585", "tensorflow/tensorflow#72388"]
     assert all(f.present() for f in compat.FIXES)  # Keras 3.15 still has all of them
 

@@ -56,7 +56,8 @@ _HELP = {
                         "on CPUs: the all-reduce is ~1/4 of a ResNet-50 step; each summed gradient is rounded "
                         "to ~0.4%, weights and updates stay float32).",
     "jit_compile": "XLA for the per-replica step: auto (on for GPU/TPU, off for CPU), on or off.",
-    "steps_per_execution": "Training steps run per tf.function call (fewer Python round trips).",
+    "steps_per_execution": "Training steps run per tf.function call (fewer Python round trips); "
+                           "under parameter_server, per function scheduled on a worker.",
     "model_dir": "Where TensorBoard logs, best.weights.h5 and summary.json go.",
     "tensorboard": "Write TensorBoard event files (scalars, throughput) under model_dir.",
     "profile_steps": "Trace steps A to B with the TensorBoard profiler, e.g. 2,3 (needs --tensorboard); "

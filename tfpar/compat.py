@@ -1,7 +1,8 @@
 """Small, version-gated fixes that make Keras 3 ``fit``/``evaluate``/``predict``
-work under ``MultiWorkerMirroredStrategy`` (DESIGN.md items 1-2), and its
+work under ``MultiWorkerMirroredStrategy`` (DESIGN.md items 1-2), its
 saving (``model.save``, ``ModelCheckpoint``, ``BackupAndRestore``; item 16,
-implemented in ``tfpar/worker_saving.py``).
+implemented in ``tfpar/worker_saving.py``), and ``fit``/``evaluate`` under
+``ParameterServerStrategy`` (item 4, ``tfpar.ps_fit``).
 
 Each fix:
   * names its upstream issue;
@@ -14,7 +15,7 @@ Each fix:
   * is idempotent and logged once.
 
 ``apply()`` is public for users who build their own strategy;
-``tfpar.strategies.create`` calls it for ``multi_worker``. Set
+``tfpar.strategies.create`` calls it for ``multi_worker`` and ``parameter_server``. Set
 ``TFPAR_COMPAT_DISABLE=all`` (or a comma-separated list of fix names) to turn
 fixes off, e.g. to check whether upstream still needs them.
 """
@@ -253,6 +254,40 @@ def _install(name):
     return install
 
 
+# --- keras-team/keras#18624: fit/evaluate have no ParameterServerStrategy path ---
+
+PS_FIT = "parameter_server_fit"
+
+
+def ps_fit_needed():
+    """True while the installed Keras's TF trainer has no ClusterCoordinator path in ``fit``."""
+    return "coordinator" not in _source(_trainer_module().TensorFlowTrainer.fit).lower()
+
+
+def _install_ps_fit():
+    """Send ``fit``/``evaluate`` of a model under ``ParameterServerStrategy`` to ``tfpar.ps_fit``.
+
+    Keras 3 hands the dataset to ``experimental_distribute_dataset`` and stops
+    ("you need to pass this dataset to ClusterCoordinator.create_per_worker_dataset").
+    Every other strategy calls Keras's own methods unchanged.
+    """
+    from tfpar import ps_fit
+
+    trainer_cls = _trainer_module().TensorFlowTrainer
+    for name in ("fit", "evaluate"):
+        original = getattr(trainer_cls, name)
+        ours = getattr(ps_fit, name)
+
+        def method(self, *args, _original=original, _ours=ours, **kwargs):
+            if ps_fit.is_parameter_server(self.distribute_strategy):
+                return _ours(self, *args, **kwargs)
+            return _original(self, *args, **kwargs)
+
+        method.__name__, method.__doc__ = original.__name__, original.__doc__
+        method.__tfpar_original__ = original
+        setattr(trainer_cls, name, method)
+
+
 FIXES = (
     Fix("symbolic_build_reduce", "keras-team/keras#20585",
         "build the model from a local replica's first batch in multi-worker fit/evaluate",
@@ -279,6 +314,9 @@ FIXES = (
     Fix("backup_chief_only", "no upstream issue found (DESIGN.md item 16; tf_keras let only the chief write)",
         "BackupAndRestore under multi-worker: only the chief writes and deletes, every worker restores its files",
         _backup_chief_present, _install("install_backup_chief_only")),
+    Fix(PS_FIT, "keras-team/keras#18624",
+        "model.fit/evaluate under ParameterServerStrategy through a ClusterCoordinator (tfpar.ps_fit)",
+        ps_fit_needed, _install_ps_fit),
 )
 NAMES = tuple(f.name for f in FIXES)
 

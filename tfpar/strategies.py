@@ -237,8 +237,10 @@ def _tpu(cluster, tpu):
 
 
 def _parameter_server(cluster, num_ps_shards, min_shard_bytes):
+    from tfpar import compat
     from tfpar import cluster as cluster_lib
 
+    compat.apply()  # Keras 3 fit/evaluate need tfpar.ps_fit under this strategy
     info = cluster or cluster_lib.detect()
     shards = num_ps_shards or max(1, info.num_ps)
     partitioner = None
