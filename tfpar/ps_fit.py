@@ -43,6 +43,8 @@ import weakref
 
 import numpy as np
 
+from tfpar import worker_saving
+
 log = logging.getLogger("tfpar")
 
 _FUNCTIONS = weakref.WeakKeyDictionary()  # model -> {key: tf.function}, traced once per model
@@ -320,12 +322,15 @@ def fit(model, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
     callbacks.on_train_begin()
     finished = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     if model._initial_epoch:
-        # A backup restored on_train_begin resumes at the start of this epoch (BackupAndRestore
-        # repeats a partly done epoch), so exactly this many steps are done; a backup taken
-        # mid-epoch holds the in-flight, approximate count.
+        # A backup restored on_train_begin resumes at this epoch, plus the steps a mid-epoch
+        # backup says were scheduled (tfpar.worker_saving); its own iterations count is the
+        # in-flight, approximate one.
         finished = model._initial_epoch * steps_per_epoch
-        model.optimizer.iterations.assign(finished)
     initial_epoch = model._initial_epoch or initial_epoch
+    done_before = worker_saving.resumed_steps(user_callbacks, initial_epoch)  # a mid-epoch backup's steps
+    if model._initial_epoch or done_before:
+        finished += done_before
+        model.optimizer.iterations.assign(finished)
     training_logs = None
     for epoch in range(initial_epoch, epochs):
         if not _uses_default_train_step(model):
@@ -334,8 +339,9 @@ def fit(model, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
         sums = _StateSum(model)
         results, begin = [], 0
         try:
-            while begin < steps_per_epoch and not model.stop_training:
-                steps = min(per_execution, steps_per_epoch - begin)
+            epoch_steps = steps_per_epoch - (done_before if epoch == initial_epoch else 0)
+            while begin < epoch_steps and not model.stop_training:
+                steps = min(per_execution, epoch_steps - begin)
                 callbacks.on_train_batch_begin(begin)
                 results.append(coordinator.schedule(function_for(steps), args=(iterator,)))
                 begin += steps

@@ -250,6 +250,16 @@ def _check_backup_dir(callback):
             f"use a new backup_dir or delete {directory} to start over.")
 
 
+def resumed_steps(callbacks, epoch):
+    """Steps of ``epoch`` a restored mid-epoch backup already did (0 if none): a loop that
+    counts steps itself (``tfpar.ps_fit``) runs only the rest, as Keras ``fit`` does with this fix."""
+    for callback in callbacks:
+        resume = getattr(callback, "_tfpar_resume", None)
+        if resume and resume["epoch"] == epoch:
+            return resume["done"]
+    return 0
+
+
 def install_backup_resume():
     """``BackupAndRestore``: resume at the saved epoch *and step*; refuse a foreign backup in one sentence."""
     import keras
