@@ -32,7 +32,7 @@ setup(
     package_dir={"tfpar": "tfpar", "tfpar.models": "models"},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pyyaml>=6"],  # pyyaml: tests read docs/kubernetes.md
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "build", "twine"],
     },
     entry_points={
