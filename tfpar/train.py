@@ -317,14 +317,15 @@ def fit_loop(config, info, print_fn=print):
         print_fn(f"{type(strategy).__name__}: {replicas} replica(s), global batch {global_batch}{micro}{summed}, "
                  f"precision {policy}, peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
     try:
-        history = model.fit(
-            train_ds, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
-            validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
-            callbacks=cbs, verbose=config.verbose if (chief or config.log_all_workers) else 0,
-            shuffle=False,  # the dataset shuffles itself
-        )
-        final = (model.evaluate(pipes.val, steps=pipes.validation_steps, return_dict=True, verbose=0)
-                 if pipes.val is not None else {})
+        with preemption.peers_stay(info, config.cluster_timeout):  # a peer lost mid-run: one line, exit 69
+            history = model.fit(
+                train_ds, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
+                validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
+                callbacks=cbs, verbose=config.verbose if (chief or config.log_all_workers) else 0,
+                shuffle=False,  # the dataset shuffles itself
+            )
+            final = (model.evaluate(pipes.val, steps=pipes.validation_steps, return_dict=True, verbose=0)
+                     if pipes.val is not None else {})
     except tf.errors.InvalidArgumentError as err:
         if "outside the valid range" in str(err):  # a label >= num_classes (or < 0) reached the loss
             raise ValueError(f"A label in {config.data!r} is outside [0, {config.num_classes}); "
