@@ -166,3 +166,19 @@ def test_lost_peer_mid_run_every_survivor_exits_naming_it_and_restart_resumes(ne
     assert [w["optimizer_updates"] for w in workers] == [32, 32], [w["resumed_from"] for w in workers]
     assert workers[0]["weights_sha256"] == workers[1]["weights_sha256"]
     assert not os.path.exists(backup)  # removed after the successful finish
+
+
+def test_hosts_get_only_their_198_18_address_and_every_namespace_is_removed(netns_cluster):
+    import netns
+
+    stale = f"{netns.PREFIX}-999999999-abcdef-br"  # a pid above pid_max: its creator is surely gone
+    netns._ip("netns", "add", stale)
+    assert stale in netns.remove_stale() and stale not in netns.list_namespaces()
+    hosts = netns_cluster(3)
+    made = [hosts.bridge_ns, *hosts.hosts]
+    assert set(made) <= set(netns.list_namespaces())
+    for i, host in enumerate(hosts.hosts):
+        out = hosts.exec_ip(host, "-4", "-o", "addr", "show").stdout
+        assert sorted(line.split()[3] for line in out.splitlines()) == ["127.0.0.1/8", f"198.18.0.{i + 1}/24"]
+    hosts.close()
+    assert not set(made) & set(netns.list_namespaces())
