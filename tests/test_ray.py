@@ -91,6 +91,9 @@ def test_worker_killed_mid_run_is_restarted_by_ray_and_the_run_resumes_from_the_
     assert summary["versions"]["keras"].startswith("3.")
     workers = [json.loads((tmp_path / "run" / f"summary.worker-{i}.json").read_text()) for i in range(2)]
     assert workers[0]["weights_sha256"] == workers[1]["weights_sha256"]
+    # The chief reported each epoch to Ray; the last report is epoch 3's, with Keras's logs.
+    assert summary["ray_metrics"]["epoch"] == 3 and summary["ray_metrics"]["loss"] > 0, summary["ray_metrics"]
+    assert summary["ray_metrics"]["loss"] == pytest.approx(summary["train_loss"])
     # Ray kept the last epoch's checkpoint, a tfpar backup at step 12.
     meta = json.loads(open(os.path.join(summary["ray_checkpoint"], "backup.json")).read())
     assert (meta["step"], meta["epoch"], meta["num_workers"]) == (12, 3, 2)

@@ -1,4 +1,4 @@
-"""Where am I? Cluster discovery: explicit, TF_CONFIG, Kubeflow, Slurm, TPU.
+"""Where am I? Cluster discovery: explicit, TF_CONFIG, Kubeflow, a Kubernetes Indexed Job, Slurm, TPU.
 
 ``detect()`` returns a small ``ClusterInfo``; nothing here starts servers or
 touches devices, so it is cheap to call and easy to test from environment

@@ -138,7 +138,8 @@ def train(config, num_workers=2, use_gpu=False, max_failures=3, storage_path=Non
     ``model_dir/ray``; shared storage in a multi-node cluster, like
     ``model_dir``). ``callbacks`` are extra Keras callbacks run in every
     worker. Returns the chief's summary (``model_dir/summary.json``) with
-    ``ray_checkpoint``, the path of Ray's last checkpoint.
+    ``ray_checkpoint``, the path of Ray's last checkpoint, and ``ray_metrics``,
+    the last metrics reported to Ray.
     """
     ray, ray_train, TensorflowTrainer = _ray()
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
@@ -173,4 +174,5 @@ def _fit(ray_train, TensorflowTrainer, wconfig, num_workers, use_gpu, max_failur
     with open(os.path.join(wconfig.model_dir, "summary.json")) as f:
         summary = json.load(f)
     summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint is not None else None
+    summary["ray_metrics"] = dict(result.metrics or {})  # the chief's last ray.train.report
     return summary
