@@ -121,3 +121,16 @@ def test_launcher_ray_refuses_another_strategy():
         tfpar_ray.worker_config(TrainConfig(strategy="mirrored"))
     with pytest.raises(ValueError, match="launcher must be one of"):
         TrainConfig(launcher="slurm").validate()
+
+
+def test_user_errors_are_found_before_ray_starts(tmp_path):
+    with pytest.raises(ValueError, match="does not exist|not found|no such|No such"):
+        tfpar_ray.train(TrainConfig(data=f"folder:{tmp_path / 'missing'}", model_dir=str(tmp_path / "a")))
+    # A backup written by 3 workers is refused for a 2-worker Ray run.
+    os.makedirs(tmp_path / "b" / "backup" / "step-000000004")
+    meta = {"format": 1, "step": 4, "epoch": 1, "batch": 0, "num_workers": 3, "files": {},
+            "signature": {"model": "resnet18"}}
+    (tmp_path / "b" / "backup" / "step-000000004" / "backup.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="written by 3 worker"):
+        tfpar_ray.train(TrainConfig(**TINY, model_dir=str(tmp_path / "b")), num_workers=2)
+    assert not ray.is_initialized()

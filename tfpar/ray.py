@@ -53,6 +53,16 @@ def worker_config(config):
     return TrainConfig(**values).validate()
 
 
+def check_before_ray(config, num_workers):
+    """The user errors a worker would find (data, model_dir, a foreign backup), found before Ray starts:
+    one sentence (exit 2) instead of a worker traceback that Ray retries ``max_failures`` times."""
+    from tfpar import backup, cluster, data, train
+
+    data.inspect(config.data, config.num_classes, config.seed)
+    train._check_model_dir(config)
+    backup.for_run(config, cluster.ClusterInfo(num_workers=num_workers, source="explicit"), print_fn=None)
+
+
 def backup_dir_of(config):
     return config.backup_dir or os.path.join(config.model_dir, "backup")
 
@@ -145,6 +155,7 @@ def train(config, num_workers=2, use_gpu=False, max_failures=3, storage_path=Non
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
         raise ValueError(f"--workers must be a positive integer with --launcher=ray, got {num_workers!r}.")
     wconfig = worker_config(config)
+    check_before_ray(wconfig, num_workers)
     started = not ray.is_initialized()
     if started:  # the cluster in RAY_ADDRESS, else a local one on loopback for this run
         ray.init(**({} if os.environ.get("RAY_ADDRESS") else
