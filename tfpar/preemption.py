@@ -203,13 +203,13 @@ _UNHEALTHY = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
 def lost_peers(message, cluster):
     """The task names a TF peer-loss error names: the tasks that stopped sending heartbeats, or the
     coordination leader when this task's own heartbeats to it failed (its link is the one cut)."""
-    head, marker, tail = message.partition("stopped sending heartbeats")
+    _, marker, tail = message.partition("stopped sending heartbeats")
     if marker:
         names = [f"{job}-{task}" for job, task in _UNHEALTHY.findall(tail.split("The tasks have")[0])]
         names = [n for n in dict.fromkeys(names) if n != cluster.task_name]
         if names:
             return names
-    if "CoordinationService/Heartbeat" in message or "CoordinationService" in message:
+    if "CoordinationService" in message:  # e.g. "RPC: /tensorflow.CoordinationService/Heartbeat"
         import tensorflow as tf
         from tensorflow.python.distribute import multi_worker_util
 
