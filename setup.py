@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "pillow>=10",  # writes image fixtures in tests and the sharding chart's PNG
 ]
 
+RAY = "ray[train]>=2.60,<3"  # Ray Train's TensorflowTrainer; Linux wheels for Python 3.10-3.13
+
 setup(
     name="tfpar",
     version=VERSION,
@@ -32,7 +34,9 @@ setup(
     package_dir={"tfpar": "tfpar", "tfpar.models": "models"},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # pyyaml: tests read docs/kubernetes.md; ray: tests/test_ray.py runs in CI too
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pyyaml>=6", RAY],
+        "ray": [RAY],  # tfpar.ray, tfpar-train --launcher=ray
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "build", "twine"],
     },
     entry_points={

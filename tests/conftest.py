@@ -15,3 +15,30 @@ def _float32_policy():
     keras.backend.clear_session()
     yield
     keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture
+def netns_cluster():
+    """``make(count)`` -> a ``tests/netns.Cluster`` of hosts as network namespaces on 198.18.0.0/24.
+
+    Skips where namespaces cannot be made (not root, no iproute2). Every
+    cluster made is removed afterwards, pass or fail; leftovers of a crashed
+    earlier run are removed first.
+    """
+    import netns
+
+    reason = netns.unavailable_reason()
+    if reason:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    netns.remove_stale()
+    made = []
+
+    def make(count):
+        made.append(netns.Cluster(count))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for cluster in made:
+            cluster.close()

@@ -70,6 +70,21 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path):
     assert not os.path.exists(tmp_path)  # deleted after a successful finish
 
 
+def test_a_step_backup_at_an_epoch_end_resumes_at_the_next_epoch(tmp_path):
+    reference = _model()
+    _fit(reference, None, epochs=3)
+    _fit(_model(), _callback(tmp_path, save_freq=2, keep=True), epochs=2)  # step 6 = the last step of epoch 2
+    meta = json.loads((tmp_path / "step-000000006" / backup.METADATA).read_text())
+    assert (meta["epoch"], meta["batch"]) == (2, 0)  # not (1, 3): that resumed epoch would owe 0 steps
+    resumed = _model()
+    cb = _callback(tmp_path, save_freq=2)
+    history = _fit(resumed, cb, epochs=3)
+    assert cb.resumed["epoch"] == 2 and cb.resumed["batch"] == 0
+    assert len(history.history["loss"]) == 1 and int(resumed.optimizer.iterations.numpy()) == 3 * STEPS
+    for a, b in zip(_weights(reference), _weights(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_backup_layout_and_metadata(tmp_path):
     model = _model()
     _fit(model, _callback(tmp_path, keep=True, num_workers=1), epochs=2)

@@ -201,3 +201,22 @@ def test_launcher_restarts_the_whole_cluster_up_to_k_times(tmp_path, exit_code, 
     # Each restart is a new cluster on fresh ports, and both tasks share it.
     clusters = {json.dumps(json.loads(tf_config)["cluster"]) for _, tf_config in starts}
     assert len(clusters) == expected_starts
+
+
+def test_lost_peer_is_named_from_tfs_heartbeat_errors():
+    from tfpar import cluster
+
+    spec = {"worker": ["198.18.0.1:2222", "198.18.0.2:2222", "198.18.0.3:2222"]}
+    worker0 = cluster.from_tf_config(json.dumps({"cluster": spec, "task": {"type": "worker", "index": 0}}))
+    worker2 = cluster.from_tf_config(json.dumps({"cluster": spec, "task": {"type": "worker", "index": 2}}))
+    # As TF 2.21 words them (seen in tests/test_netns.py): on the leader, and on a worker cut off from it.
+    unhealthy = ("Collective ops is aborted by: Error reported from /job:worker/task:1: The following tasks are "
+                 "unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:1\n/job:worker/replica:0/task:2\n"
+                 "The tasks have crashed. Check the task logs for an earlier error, or scheduler events (e.g. "
+                 "preemption, eviction) to debug further.")
+    cut_off = "Collective ops is aborted by: Deadline Exceeded\nRPC: /tensorflow.CoordinationService/Heartbeat"
+    assert preemption.lost_peers(unhealthy, worker0) == ["worker-1", "worker-2"]
+    assert preemption.lost_peers(unhealthy, worker2) == ["worker-1"]  # never itself
+    assert preemption.lost_peers(cut_off, worker2) == ["worker-0"]  # the coordination leader
+    assert preemption.lost_peers("Socket closed", worker2) == []
+    assert preemption.heartbeat_timeout(300) == 10 and preemption.heartbeat_timeout(20) == 5

@@ -294,13 +294,20 @@ class BackupAndRestore(keras.callbacks.Callback):
         if loss is not None and not math.isfinite(float(loss)):
             self._stop_on_nan(float(loss))
         if self._watch is not None and self._watch.agreed(self.model.distribute_strategy):
-            self._save(self._epoch, self._batch)
+            self._save(*self._position())
             self._watch.exit(f"backup saved at step {self._step}" if self.last_saved else "no backup saved")
         if self.save_freq != "epoch" and self._step % self.save_freq == 0:
-            self._save(self._epoch, self._batch)
+            self._save(*self._position())
         if self._epoch_cut is not None and self._epoch == self.resumed["epoch"] and batch + 1 >= self._epoch_cut:
             self.model.stop_training = True  # ends the resumed epoch at its usual length
             self._cut_now = True
+
+    def _position(self):
+        """(epochs done, steps done in the current epoch) now; the epoch's last step counts as the next epoch's
+        start, or a resumed run would owe that epoch zero steps and train one too many."""
+        if self.steps_per_epoch and self._batch >= self.steps_per_epoch:
+            return self._epoch + 1, 0
+        return self._epoch, self._batch
 
     def on_epoch_end(self, epoch, logs=None):
         if self._cut_now:

@@ -71,7 +71,13 @@ _HELP = {
     "backup_dir": "Where backups for resuming go (default: MODEL_DIR/backup; shared storage in a cluster).",
     "backup_freq": "Back up every epoch ('epoch'), every N steps ('N'), or never ('none').",
     "keep_backups": "Keep the backups after a successful finish (default: delete them).",
-    "cluster_timeout": "Seconds a worker waits for the others to come up before it exits with code 69.",
+    "cluster_timeout": "Seconds a worker waits for the others to come up before it exits with code 69; a peer "
+                       "lost mid-run is noticed within a quarter of it (at most 10 s), also exit 69.",
+    "launcher": "'' (this process is one task of the cluster) or ray: run --workers Ray Train workers "
+                "(TensorflowTrainer, Keras 3) on the Ray cluster in RAY_ADDRESS or a local one (pip install "
+                "\"tfpar[ray]\"; docs/ray.md).",
+    "workers": "With --launcher=ray: the number of Ray Train workers.",
+    "use_gpu": "With --launcher=ray: one GPU per Ray Train worker.",
 }
 
 
@@ -145,7 +151,12 @@ def main(argv=None):
     from tfpar import train
 
     try:
-        summary = train.run(config)
+        if config.launcher == "ray":
+            from tfpar import ray as tfpar_ray
+
+            summary = tfpar_ray.train(config, num_workers=config.workers, use_gpu=config.use_gpu)
+        else:
+            summary = train.run(config)
     except ValueError as err:
         return fail(str(err))
     shown = {k: summary.get(k) for k in ("val_accuracy", "val_loss", "train_accuracy", "train_loss")}

@@ -1,4 +1,4 @@
-"""Where am I? Cluster discovery: explicit, TF_CONFIG, Kubeflow, Slurm, TPU.
+"""Where am I? Cluster discovery: explicit, TF_CONFIG, Kubeflow, a Kubernetes Indexed Job, Slurm, TPU.
 
 ``detect()`` returns a small ``ClusterInfo``; nothing here starts servers or
 touches devices, so it is cheap to call and easy to test from environment
@@ -7,12 +7,15 @@ fixtures. Order (first match wins):
 1. an explicit cluster passed in (``ClusterInfo``, TF_CONFIG dict or JSON);
 2. ``TF_CONFIG`` -- source ``kubeflow`` when it runs in a Kubernetes pod (a
    Kubeflow TFJob sets TF_CONFIG for each replica), else ``tf_config``;
-3. Slurm (``SLURM_PROCID`` + ``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``), laid
+3. a Kubernetes Indexed Job (``JOB_COMPLETION_INDEX`` plus ``TFPAR_WORKER_HOSTS``
+   or ``TFPAR_JOB_NAME``/``TFPAR_SERVICE``/``TFPAR_NUM_WORKERS``) behind a
+   headless Service: worker ``i`` is ``<job>-<i>.<service>`` (docs/kubernetes.md);
+4. Slurm (``SLURM_PROCID`` + ``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``), laid
    out as ``SlurmClusterResolver`` does: hosts sorted, ports ``port_base +
    local task index``; one task per node or one per GPU;
-4. TPU: Colab (``COLAB_TPU_ADDR``), ``TPU_NAME``, or a Cloud TPU VM
+5. TPU: Colab (``COLAB_TPU_ADDR``), ``TPU_NAME``, or a Cloud TPU VM
    (``/dev/accel0``, ``/dev/vfio/0`` or ``TPU_ACCELERATOR_TYPE``);
-5. otherwise one local process.
+6. otherwise one local process.
 """
 
 import dataclasses
@@ -21,6 +24,7 @@ import os
 
 TASK_TYPES = ("chief", "worker", "ps", "evaluator")
 SLURM_PORT_BASE = 8888  # SlurmClusterResolver's default
+K8S_PORT = 2222  # the port Kubeflow's TFJob gives every replica; TFPAR_PORT overrides it
 TPU_VM_DEVICES = ("/dev/accel0", "/dev/vfio/0")
 
 
@@ -32,7 +36,7 @@ class ClusterInfo:
     task_index: int = 0
     num_workers: int = 1  # chief + workers: the processes that compute gradients
     num_ps: int = 0
-    source: str = "local"  # local | explicit | tf_config | slurm | kubeflow | tpu
+    source: str = "local"  # local | explicit | tf_config | slurm | kubeflow | kubernetes | tpu
     cluster_spec: dict = dataclasses.field(default_factory=dict)
     tpu: str | None = None  # TPU name, grpc:// address, or "local" on a Cloud TPU VM
     visible_gpus: str | None = None  # Slurm, several tasks per node: this task's GPU ids
@@ -47,6 +51,10 @@ class ClusterInfo:
     @property
     def task_name(self):
         return f"{self.task_type}-{self.task_index}"
+
+    def tf_config(self):
+        """This task as a TF_CONFIG JSON string (what a process started by hand for this task needs)."""
+        return json.dumps({"cluster": self.cluster_spec, "task": {"type": self.task_type, "index": self.task_index}})
 
     def resolver(self):
         """A ``tf.distribute.cluster_resolver`` for this cluster."""
@@ -127,6 +135,57 @@ def is_kubeflow(env):
     return bool(env.get("TF_CONFIG")) and bool(env.get("KUBERNETES_SERVICE_HOST"))
 
 
+def from_indexed_job(env):
+    """``ClusterInfo`` for a pod of a Kubernetes Indexed Job (no operator), or ``None`` outside one.
+
+    Kubernetes sets ``JOB_COMPLETION_INDEX`` in every pod of an Indexed Job and,
+    with ``subdomain`` naming a headless Service, gives pod ``i`` the DNS name
+    ``<job>-<i>.<service>``. The hosts come from ``TFPAR_WORKER_HOSTS``
+    (comma-separated ``host`` or ``host:port``) or are derived from
+    ``TFPAR_JOB_NAME``, ``TFPAR_SERVICE`` and ``TFPAR_NUM_WORKERS`` (the Job's
+    ``completions``); ``TFPAR_PORT`` (default 2222) is the port of hosts given
+    without one. Worker 0 is the chief.
+    """
+    if "JOB_COMPLETION_INDEX" not in env:
+        return None
+    hosts_raw, job = env.get("TFPAR_WORKER_HOSTS", "").strip(), env.get("TFPAR_JOB_NAME", "").strip()
+    if not hosts_raw and not job:
+        return None  # some other Indexed Job: not a tfpar cluster description
+
+    def number(name, value, least):
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            n = None
+        if n is None or n < least:
+            raise ClusterError(f"{name}={value!r} must be an integer >= {least}.")
+        return n
+
+    port = number("TFPAR_PORT", env.get("TFPAR_PORT", K8S_PORT), 1)
+    index = number("JOB_COMPLETION_INDEX", env["JOB_COMPLETION_INDEX"], 0)
+    if hosts_raw:
+        hosts = [h.strip() for h in hosts_raw.split(",")]
+        if not all(hosts):
+            raise ClusterError(f"TFPAR_WORKER_HOSTS={hosts_raw!r} has an empty entry; give 'host[:port],host[:port],...'.")
+    else:
+        service = env.get("TFPAR_SERVICE", "").strip()
+        if not service or "TFPAR_NUM_WORKERS" not in env:
+            raise ClusterError("TFPAR_JOB_NAME is set but TFPAR_SERVICE (the headless Service) or "
+                               "TFPAR_NUM_WORKERS (the Job's completions) is not; set both, or TFPAR_WORKER_HOSTS.")
+        count = number("TFPAR_NUM_WORKERS", env["TFPAR_NUM_WORKERS"], 1)
+        hosts = [f"{job}-{i}.{service}" for i in range(count)]
+    addresses = [h if ":" in h else f"{h}:{port}" for h in hosts]
+    if len(set(addresses)) != len(addresses):
+        raise ClusterError(f"TFPAR_WORKER_HOSTS lists an address twice ({hosts_raw}).")
+    if index >= len(addresses):
+        raise ClusterError(f"JOB_COMPLETION_INDEX={index} is out of range for {len(addresses)} worker(s) "
+                           f"(0..{len(addresses) - 1}); make the Job's completions match.")
+    if len(addresses) == 1:
+        return ClusterInfo(source="kubernetes")
+    return ClusterInfo(task_type="worker", task_index=index, num_workers=len(addresses), source="kubernetes",
+                       cluster_spec={"worker": addresses})
+
+
 def from_slurm(env, port_base=SLURM_PORT_BASE):
     """``ClusterInfo`` for a Slurm job step, or ``None`` outside one.
 
@@ -199,7 +258,7 @@ def detect(cluster=None, environ=None, path_exists=os.path.exists):
     env = os.environ if environ is None else environ
     if env.get("TF_CONFIG"):
         return from_tf_config(env["TF_CONFIG"], source="kubeflow" if is_kubeflow(env) else "tf_config")
-    return from_slurm(env) or from_tpu_env(env, path_exists) or ClusterInfo()
+    return from_indexed_job(env) or from_slurm(env) or from_tpu_env(env, path_exists) or ClusterInfo()
 
 
 def tpu_address(tpu=None, cluster=None, environ=None, path_exists=os.path.exists):

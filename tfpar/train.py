@@ -19,6 +19,7 @@ log = logging.getLogger("tfpar")
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 JIT_COMPILE = ("auto", "on", "off")
+LAUNCHERS = ("", "ray")
 DEFAULT_GLOBAL_BATCH = 64
 
 # Strategy name -> "module:function" for strategies that need their own training
@@ -84,6 +85,10 @@ class TrainConfig:
     backup_freq: str = "epoch"  # "epoch", a number of steps, or "none"
     keep_backups: bool = False
     cluster_timeout: float = 300.0
+    # engines (tfpar.ray)
+    launcher: str = ""  # "" (this process is one task) or "ray"
+    workers: int = 2  # with launcher=ray: Ray Train workers
+    use_gpu: bool = False  # with launcher=ray: one GPU per worker
 
     def validate(self):
         """Raise ``ValueError`` with one clear sentence for the first bad field."""
@@ -146,6 +151,10 @@ class TrainConfig:
         self._validate_fault_tolerance()
         if self.strategy == "dtensor":
             self._validate_dtensor()
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of: {', '.join(repr(n) for n in LAUNCHERS)}; got {self.launcher!r}.")
+        if self.launcher and (not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1):
+            raise ValueError(f"workers must be a positive integer with launcher={self.launcher}, got {self.workers!r}.")
         return self
 
     def _validate_fault_tolerance(self):
@@ -264,10 +273,11 @@ def build_model(config):
     )
 
 
-def fit_loop(config, info, print_fn=print):
+def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     """The Keras ``fit`` path for every tf.distribute strategy that ``fit`` supports.
 
     ``print_fn=None`` keeps tfpar's own lines quiet (``config.verbose`` governs Keras's).
+    ``extra_callbacks`` are appended to tfpar's own (an engine's reporting, e.g. ``tfpar.ray``).
     """
     from tfpar import data
 
@@ -307,6 +317,7 @@ def fit_loop(config, info, print_fn=print):
     cbs, throughput = callbacks.for_run(config, model_dir, chief, global_batch * accum, pipes.val is not None,
                                         print_fn=print_fn, task_name=info.task_name,
                                         multi_worker=strategies.is_multi_worker(strategy))
+    cbs.extend(extra_callbacks)
     train_ds = pipes.train
     if backup_cb is not None:
         cbs.insert(0, backup_cb)  # first: it sets the initial epoch before the others begin
@@ -317,14 +328,15 @@ def fit_loop(config, info, print_fn=print):
         print_fn(f"{type(strategy).__name__}: {replicas} replica(s), global batch {global_batch}{micro}{summed}, "
                  f"precision {policy}, peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
     try:
-        history = model.fit(
-            train_ds, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
-            validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
-            callbacks=cbs, verbose=config.verbose if (chief or config.log_all_workers) else 0,
-            shuffle=False,  # the dataset shuffles itself
-        )
-        final = (model.evaluate(pipes.val, steps=pipes.validation_steps, return_dict=True, verbose=0)
-                 if pipes.val is not None else {})
+        with preemption.peers_stay(info, config.cluster_timeout):  # a peer lost mid-run: one line, exit 69
+            history = model.fit(
+                train_ds, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
+                validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
+                callbacks=cbs, verbose=config.verbose if (chief or config.log_all_workers) else 0,
+                shuffle=False,  # the dataset shuffles itself
+            )
+            final = (model.evaluate(pipes.val, steps=pipes.validation_steps, return_dict=True, verbose=0)
+                     if pipes.val is not None else {})
     except tf.errors.InvalidArgumentError as err:
         if "outside the valid range" in str(err):  # a label >= num_classes (or < 0) reached the loss
             raise ValueError(f"A label in {config.data!r} is outside [0, {config.num_classes}); "
@@ -385,11 +397,12 @@ def _check_model_dir(config):
     backup.check_model_dir(config.model_dir, backup.signature(config))
 
 
-def run(config, print_fn=print):
+def run(config, print_fn=print, callbacks=()):
     """Train as ``config`` says and return the summary (also written as JSON).
 
     Every process writes ``summary.<task>.json``; the chief also writes
-    ``summary.json``. Both are written atomically.
+    ``summary.json``. Both are written atomically. ``callbacks``: extra Keras
+    callbacks for the ``fit`` strategies (the own-loop ones refuse them).
     """
     config.validate()
     from tfpar import cluster as cluster_lib
@@ -397,7 +410,10 @@ def run(config, print_fn=print):
     info = cluster_lib.detect()  # fail on a bad TF_CONFIG before TF starts
     _check_model_dir(config)
     started = time.time()
-    result = training_loop(config.strategy)(config, info, print_fn)
+    loop = training_loop(config.strategy)
+    if callbacks and loop is not fit_loop:
+        raise ValueError(f"Extra Keras callbacks need a Keras fit strategy; {config.strategy} has its own loop.")
+    result = loop(config, info, print_fn, extra_callbacks=callbacks) if callbacks else loop(config, info, print_fn)
 
     from tfpar import summary
 
