@@ -8,16 +8,17 @@ import dataclasses
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of the CLI
-
 from absl import flags
 
+from tfpar import quiet
 from tfpar.train import DEFAULT_GLOBAL_BATCH, TrainConfig
 
+# Flags are defined on first use: the model list comes from tfpar.models, which imports
+# TensorFlow, and TensorFlow must not load before run_main has set its log level.
 FLAGS = flags.FlagValues()
 _D = TrainConfig()
 _HELP = {
-    "model": "Model name: " + ", ".join(__import__("tfpar.models", fromlist=["names"]).names()) + ".",
+    "model": "Model name: {models}.",
     "num_classes": "Classes of the classifier (must match the data: digits 10, cifar10 10, cifar100 100, "
                    "folder = its class folders; ImageNet TFRecords store labels 1-1000, so use 1001).",
     "image_size": "Height and width the images are resized or cropped to.",
@@ -72,11 +73,23 @@ _HELP = {
     "keep_backups": "Keep the backups after a successful finish (default: delete them).",
     "cluster_timeout": "Seconds a worker waits for the others to come up before it exits with code 69.",
 }
+# Flags of the command, not of the training run (no TrainConfig field).
+TF_LOG_LEVEL_HELP = ("TensorFlow's C++ log level: 0 shows all of it, 1 hides INFO, 2 (default) shows only errors, "
+                     "3 only fatal ones; default TF_CPP_MIN_LOG_LEVEL if set. Applies to TF's start-up lines too.")
+
+
+def _define_tf_log_level(flag_values):
+    flags.DEFINE_integer("tf_log_level", None, TF_LOG_LEVEL_HELP, lower_bound=0, upper_bound=3,
+                         flag_values=flag_values)
 
 
 def _define_flags():
+    if "model" in FLAGS:
+        return
+    from tfpar import models
+
     for field in dataclasses.fields(TrainConfig):
-        default, help_text = getattr(_D, field.name), _HELP[field.name]
+        default, help_text = getattr(_D, field.name), _HELP[field.name].format(models=", ".join(models.names()))
         kind = getattr(field.type, "__name__", str(field.type))  # "int | None" for optionals
         if kind == "bool":
             flags.DEFINE_boolean(field.name, default, help_text, flag_values=FLAGS)
@@ -86,13 +99,12 @@ def _define_flags():
             flags.DEFINE_integer(field.name, default, help_text, flag_values=FLAGS)
         else:
             flags.DEFINE_string(field.name, default, help_text, flag_values=FLAGS)
-
-
-_define_flags()
+    _define_tf_log_level(FLAGS)
 
 
 def config_from_flags(argv):
     """Parse ``argv`` (program name first) into a validated ``TrainConfig``."""
+    _define_flags()
     FLAGS.unparse_flags()  # a second call in one process starts from the defaults again
     rest = FLAGS(argv)
     if len(rest) > 1:
@@ -116,6 +128,7 @@ logs and summary.json to --model_dir. Flags may also come from --flagfile
 
 def help_text():
     """The --help text: usage and every flag with its default."""
+    _define_flags()
     return USAGE + "\nflags:\n" + FLAGS.get_help(include_special_flags=False) + (
         "\n  --flagfile: Read flags from this file, one --flag=value per line.\n")
 
@@ -154,8 +167,23 @@ def main(argv=None):
     return 0
 
 
+def tf_log_level_from(argv):
+    """``--tf_log_level`` from ``argv`` (flag files included) before TensorFlow loads; None if absent or bad.
+
+    A bad value is left for ``main`` to report as a usage error.
+    """
+    early = flags.FlagValues()
+    _define_tf_log_level(early)
+    try:
+        early(list(argv), known_only=True)
+    except flags.Error:
+        return None
+    return early.tf_log_level
+
+
 def run_main():
-    """Console-script entry point."""
+    """Console-script entry point: TensorFlow's C++ log quiet (``tfpar.quiet``), then ``main``."""
+    quiet.start_tensorflow(quiet.level(tf_log_level_from(sys.argv)))
     sys.exit(main())
 
 
