@@ -105,6 +105,14 @@ class BestCheckpoint(keras.callbacks.Callback):
             os.replace(tmp, self.path)
 
 
+def write_text(log_dir, tag, text):
+    """One TensorBoard text summary (step 0) under ``log_dir``: what a person reads about the run."""
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        tf.summary.text(tag, text, step=0)
+    writer.close()
+
+
 def for_run(config, model_dir, is_chief, global_batch_size, has_validation, print_fn=print, task_name="",
             multi_worker=False):
     """The callbacks ``run()`` gives ``fit``: throughput, NaN guard, TensorBoard/profile, best weights.

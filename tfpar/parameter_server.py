@@ -424,7 +424,7 @@ def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_sha
 
     import keras
 
-    from tfpar import precision, summary
+    from tfpar import precision, strategies, summary
     from tfpar import train as train_lib
 
     strategy, coordinator = create(cluster_info, num_ps_shards, min_shard_bytes)
@@ -438,7 +438,7 @@ def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_sha
         model.compile(optimizer=optimizer, loss=train_lib.make_loss(config))
     val = pipes.val.take(pipes.validation_steps) if pipes.val is not None and pipes.validation_steps else pipes.val
     if print_fn:
-        print_fn(f"ParameterServerStrategy: {cluster_info.num_workers - 1} worker(s), {cluster_info.num_ps} ps, "
+        print_fn(f"{strategies.describe(strategy)}: "
                  f"batch {batch} per step, precision {policy}, peak learning rate {peak:.4g}, "
                  f"{pipes.steps_per_epoch} steps/epoch")
 
@@ -446,13 +446,14 @@ def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_sha
     history = fit(
         model, coordinator, pipes.train, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
         validation_data=val, callbacks=callbacks, checkpoint_dir=os.path.join(config.model_dir, "checkpoints"),
-        print_fn=print_fn if config.verbose else None,
+        print_fn=print_fn if config.verbose != 0 else None,
     )
     hist = history.history
     final = _eval_fn(model, {"accuracy": sparse_accuracy})(val) if val is not None else {}
     rates = hist.get("examples_per_sec", [])
     return {
-        "strategy": type(strategy).__name__,
+        "strategy": strategies.describe(strategy),
+        "strategy_class": strategies.public_class(strategy),
         "replicas": strategy.num_replicas_in_sync,
         "precision": policy,
         "global_batch_size": batch,

@@ -311,11 +311,15 @@ def fit_loop(config, info, print_fn=print):
     if backup_cb is not None:
         cbs.insert(0, backup_cb)  # first: it sets the initial epoch before the others begin
         train_ds = backup_cb.skip_completed(train_ds)
+    name = strategies.describe(strategy)
+    summed = f", gradients summed in {reduce_dtype}" if replicas > 1 else ""
+    micro = f" x {accum} micro-batches per update" if accum > 1 else ""
+    start_line = (f"{name}: global batch {global_batch}{micro}{summed}, precision {policy}, "
+                  f"peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
     if print_fn and (chief or config.log_all_workers):
-        summed = f", gradients summed in {reduce_dtype}" if replicas > 1 else ""
-        micro = f" x {accum} micro-batches per update" if accum > 1 else ""
-        print_fn(f"{type(strategy).__name__}: {replicas} replica(s), global batch {global_batch}{micro}{summed}, "
-                 f"precision {policy}, peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
+        print_fn(start_line)
+    if chief and config.tensorboard:
+        callbacks.write_text(model_dir, "run", start_line)
     try:
         history = model.fit(
             train_ds, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
@@ -336,7 +340,8 @@ def fit_loop(config, info, print_fn=print):
     hist = history.history
     last = lambda key: float(hist[key][-1]) if hist.get(key) else None  # noqa: E731
     return {
-        "strategy": type(strategy).__name__,
+        "strategy": name,  # plain words; TF's class in strategy_class
+        "strategy_class": strategies.public_class(strategy),
         "replicas": replicas,
         "precision": policy,
         "global_batch_size": global_batch,
