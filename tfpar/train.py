@@ -289,8 +289,9 @@ def fit_loop(config, info, print_fn=print):
     policy = precision.apply(config.precision, strategy)
     keras.utils.set_random_seed(config.seed)
 
+    resume_step = backup_cb.resume.step if backup_cb is not None and backup_cb.resume is not None else 0
     pipes = data.make(config, global_batch, source, num_workers=info.num_workers, worker_index=info.task_index,
-                      micro_batches=accum)
+                      micro_batches=accum, skip_batches=resume_step)  # resumes at the backup's exact example
     jit = resolve_jit_compile(config.jit_compile, strategy)
     with strategy.scope():
         model = build_model(config)
@@ -310,7 +311,6 @@ def fit_loop(config, info, print_fn=print):
     train_ds = pipes.train
     if backup_cb is not None:
         cbs.insert(0, backup_cb)  # first: it sets the initial epoch before the others begin
-        train_ds = backup_cb.skip_completed(train_ds)
     name = strategies.describe(strategy)
     summed = f", gradients summed in {reduce_dtype}" if replicas > 1 else ""
     micro = f" x {accum} micro-batches per update" if accum > 1 else ""
