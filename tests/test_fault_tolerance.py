@@ -128,7 +128,7 @@ def test_sigterm_saves_a_backup_and_the_same_command_resumes_at_that_step(tmp_pa
         def epoch_1_done():
             line = first.stdout.readline()
             lines.append(line)
-            return line.startswith("epoch 1:")
+            return line.startswith("epoch 1/")
 
         assert _wait_for(epoch_1_done, 240, first, poll=0), "".join(lines)
         first.send_signal(signal.SIGTERM)

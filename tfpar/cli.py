@@ -26,7 +26,9 @@ _HELP = {
     "bn_momentum": "BatchNormalization moving-statistics momentum (0.9 suits short runs).",
     "strategy": "auto, one_device, mirrored, multi_worker, tpu, parameter_server or dtensor.",
     "virtual_cpus": "Split the CPU into this many logical devices (mirrored or dtensor on a laptop).",
-    "precision": "auto, float32, mixed_float16 or mixed_bfloat16.",
+    "precision": "float32 (default, as in Keras), mixed_float16, mixed_bfloat16, or auto: mixed_bfloat16 on "
+                 "TPUs and on CPUs with native bfloat16, mixed_float16 on GPUs of compute capability 7.0+, "
+                 "else float32. Left at float32, tfpar-train says when this machine has a faster policy.",
     "data": "Input: digits (scikit-learn's bundled images), synthetic (random, for benchmarks), "
             "folder:PATH (PATH/<class>/<image>.jpg|png, or PATH/train + PATH/val), "
             "tfrecord:GLOB (ImageNet layout image/encoded + image/class/label; files named validation* "
@@ -67,7 +69,9 @@ _HELP = {
     "mesh": "DTensor mesh for --strategy=dtensor, e.g. batch=2,model=2.",
     "layout_rules": "DTensor layout rules file for --strategy=dtensor.",
     "seed": "Random seed for weights, shuffling and augmentation.",
-    "verbose": "Keras fit verbosity on the chief: 0, 1 or 2.",
+    "verbose": "Progress on the chief (every worker with --log_all_workers). Unset: one line per epoch, plus "
+               "Keras's progress bar inside epochs longer than 5 s when one process prints to a terminal; "
+               "0: the one line per epoch only; 1: Keras's progress bar always; 2: Keras's own line per epoch too.",
     "backup_dir": "Where backups for resuming go (default: MODEL_DIR/backup; shared storage in a cluster).",
     "backup_freq": "Back up every epoch ('epoch'), every N steps ('N'), or never ('none').",
     "keep_backups": "Keep the backups after a successful finish (default: delete them).",
@@ -143,6 +147,22 @@ def _sentence(err):
     return text if text.endswith(".") else text + "."
 
 
+def _precision_offer(config):
+    """The chief's one line about a faster policy, when --precision was left at its float32 default."""
+    if FLAGS["precision"].present or config.precision != "float32":
+        return None
+    from tfpar import cluster, precision
+
+    try:
+        info = cluster.detect()
+    except ValueError:
+        return None  # train.run reports the bad cluster
+    if not info.is_chief:
+        return None
+    on_tpu = config.strategy == "tpu" or (config.strategy == "auto" and info.source == "tpu")
+    return precision.offer("tpu" if on_tpu else config.strategy)
+
+
 def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
     if any(a in ("--help", "-h", "--helpfull", "-?", "--helpshort") for a in argv[1:]):
@@ -156,6 +176,9 @@ def main(argv=None):
         return fail(str(err))
     from tfpar import train
 
+    faster = _precision_offer(config)
+    if faster:
+        print(f"precision float32 (the default, as in Keras); {faster}")
     try:
         summary = train.run(config)
     except ValueError as err:

@@ -78,7 +78,7 @@ class TrainConfig:
     mesh: str | None = None  # dtensor only, e.g. "batch=2,model=2"
     layout_rules: str | None = None  # dtensor only: a file of layout rules
     seed: int = 0
-    verbose: int = 2
+    verbose: int | None = None  # None: tfpar.callbacks picks a progress bar or one line per epoch
     # fault tolerance (tfpar.backup, tfpar.preemption)
     backup_dir: str = ""  # default: model_dir/backup
     backup_freq: str = "epoch"  # "epoch", a number of steps, or "none"
@@ -139,8 +139,8 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
         if not self.width_multiplier > 0:
             raise ValueError(f"width_multiplier must be positive, got {self.width_multiplier!r}.")
-        if self.verbose not in (0, 1, 2):
-            raise ValueError(f"verbose must be 0, 1 or 2, got {self.verbose!r}.")
+        if self.verbose not in (None, 0, 1, 2):
+            raise ValueError(f"verbose must be unset (auto), 0, 1 or 2, got {self.verbose!r}.")
         self.profile_range()
         data.parse(self.data)
         self._validate_fault_tolerance()
@@ -324,7 +324,7 @@ def fit_loop(config, info, print_fn=print):
         history = model.fit(
             train_ds, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
             validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
-            callbacks=cbs, verbose=config.verbose if (chief or config.log_all_workers) else 0,
+            callbacks=cbs, verbose=(config.verbose or 0) if (chief or config.log_all_workers) else 0,
             shuffle=False,  # the dataset shuffles itself
         )
         final = (model.evaluate(pipes.val, steps=pipes.validation_steps, return_dict=True, verbose=0)

@@ -100,7 +100,7 @@ def train(config, info, print_fn=print):
                  f"MiB per device, {pipes.steps_per_epoch} steps/epoch")
     history = trainer.fit(pipes.train, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
                           validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
-                          callbacks=cbs, verbose=config.verbose if speak else 0)
+                          callbacks=cbs, verbose=(config.verbose or 0) if speak else 0)
     final = trainer.evaluate(pipes.val, steps=pipes.validation_steps) if pipes.val is not None else {}
     hist = history.history
     last = lambda key: float(hist[key][-1]) if hist.get(key) else None  # noqa: E731
