@@ -283,7 +283,7 @@ def serve():
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="tfpar-launch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s --workers N [--ps M] [--port-base P] [--timeout S] [--restarts K] -- COMMAND...")
+                                     usage="%(prog)s --workers N [--ps M] [--port-base P] [--timeout S] [--restarts K] [--tf_log_level L] -- COMMAND...")
     parser.add_argument("--workers", type=int, default=2, help="worker tasks (default 2)")
     parser.add_argument("--ps", type=int, default=0, help="parameter-server tasks; adds a chief that runs COMMAND")
     parser.add_argument("--port-base", type=int, default=None,
