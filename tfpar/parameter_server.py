@@ -438,7 +438,7 @@ def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_sha
         model.compile(optimizer=optimizer, loss=train_lib.make_loss(config))
     val = pipes.val.take(pipes.validation_steps) if pipes.val is not None and pipes.validation_steps else pipes.val
     if print_fn:
-        print_fn(f"{strategies.describe(strategy)}: "
+        print_fn(f"{strategies.describe(strategy, cluster_info)}: "
                  f"batch {batch} per step, precision {policy}, peak learning rate {peak:.4g}, "
                  f"{pipes.steps_per_epoch} steps/epoch")
 
@@ -452,7 +452,7 @@ def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_sha
     final = _eval_fn(model, {"accuracy": sparse_accuracy})(val) if val is not None else {}
     rates = hist.get("examples_per_sec", [])
     return {
-        "strategy": strategies.describe(strategy),
+        "strategy": strategies.describe(strategy, cluster_info),
         "strategy_class": strategies.public_class(strategy),
         "replicas": strategy.num_replicas_in_sync,
         "precision": policy,

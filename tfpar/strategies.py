@@ -69,17 +69,21 @@ def _jobs(strategy):
     return {job: spec.num_tasks(job) for job in spec.jobs} if spec is not None else {}
 
 
-def describe(strategy):
+def describe(strategy, cluster=None):
     """A plain name for ``strategy``, for people: 'one device (CPU)', 'mirrored ×2', 'multi-worker ×3', ...
 
     ``type(strategy).__name__`` can be a private TF class (``_DefaultDistributionStrategy``
     for the host CPU, ``CollectiveAllReduceStrategy`` for multi-worker); this never is.
+    ``cluster`` (a ``tfpar.cluster.ClusterInfo``) names the tasks of a parameter-server cluster.
     """
     replicas = strategy.num_replicas_in_sync
     if isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)):
         return f"TPU ×{replicas}"
     if isinstance(strategy, tf.distribute.ParameterServerStrategy):
-        jobs = _jobs(strategy)
+        # ParameterServerStrategy's public cluster_resolver is None; ``cluster`` (a ClusterInfo) knows.
+        jobs = {job: len(tasks) for job, tasks in cluster.cluster_spec.items()} if cluster else _jobs(strategy)
+        if not jobs:
+            return "parameter servers"
         workers, ps = jobs.get("worker", 0), jobs.get("ps", 0)
         return f"parameter servers ({workers} worker{'s' * (workers != 1)}, {ps} ps)"
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
