@@ -183,10 +183,14 @@ def main(argv=None):
         summary = train.run(config)
     except ValueError as err:
         return fail(str(err))
+    chief = summary.get("is_chief", True)
+    if not (chief or config.log_all_workers):
+        return 0  # in a cluster only the chief speaks, unless asked
     shown = {k: summary.get(k) for k in ("val_accuracy", "val_loss", "train_accuracy", "train_loss")}
     metrics = " ".join(f"{k}={v:.4f}" for k, v in shown.items() if isinstance(v, (int, float)))
+    written = "summary.json" if chief else f"summary.{summary.get('task')}.json"
     print(f"done: {metrics} examples/sec={summary.get('examples_per_sec') or 0:.1f} "
-          f"summary={os.path.join(config.model_dir, 'summary.json')}")
+          f"summary={os.path.join(config.model_dir, written)}")
     return 0
 
 
