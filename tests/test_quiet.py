@@ -56,6 +56,7 @@ def test_importing_the_cli_leaves_the_environment_alone():
     assert (code, out.split()) == (0, ["None", "False"]), err
 
 
+@pytest.mark.slow
 def test_the_level_flag_brings_the_start_up_lines_back():
     probe = ("import sys; from tfpar import quiet; quiet.start_tensorflow(int(sys.argv[1])); "
              "import tensorflow as tf; tf.config.list_physical_devices(); print('ready')")
