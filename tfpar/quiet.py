@@ -47,13 +47,6 @@ def level(flag_value=None, environ=None):
     return value if value in LEVELS else DEFAULT_LEVEL
 
 
-def check_level(value):
-    """Raise ``ValueError`` (one sentence) unless ``value`` is a TF log level."""
-    if value not in LEVELS:
-        raise ValueError(f"tf_log_level must be 0 (all), 1 (no INFO), 2 (errors only) or 3 (none but FATAL), "
-                         f"got {value!r}.")
-
-
 def nvidia_driver_present():
     """True when this machine has an NVIDIA kernel driver (or WSL's GPU bridge): cuInit can then mean something."""
     return (os.path.exists("/proc/driver/nvidia/version") or bool(glob.glob("/dev/nvidia[0-9]*"))
