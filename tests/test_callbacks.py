@@ -1,5 +1,6 @@
 """Throughput logging to TensorBoard, atomic best-model checkpoints, who prints and who saves."""
 
+import io
 import os
 
 import keras
@@ -26,10 +27,33 @@ def test_throughput_logger_records_epochs_and_writes_event_scalars(tmp_path):
     assert len(logger.epochs) == 3 and all(e["steps"] == 8 for e in logger.epochs)
     assert all(e["examples_per_sec"] > 0 and e["step_time_ms"] > 0 for e in logger.epochs)
     assert logger.median_examples_per_sec() == sorted(e["examples_per_sec"] for e in logger.epochs)[1]
-    assert len(lines) == 3 and lines[0].startswith("[w1] epoch 1: ")
+    assert len(lines) == 3 and lines[0].startswith("[w1] epoch 1/3: loss ")
+    assert " - accuracy " in lines[0] and lines[0].endswith(" ms/step")  # one line per epoch: metrics and speed
     found = event_scalars(tmp_path)
     assert len(found["throughput/examples_per_sec"]) == 3
     assert found["throughput/examples_per_sec"] == pytest.approx([e["examples_per_sec"] for e in logger.epochs])
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal_for_one_printer_and_long_epochs(monkeypatch):
+    auto, explicit = TrainConfig(), TrainConfig(verbose=0)
+    assert callbacks.progress_bar_wanted(auto, True, print, Terminal())
+    assert not callbacks.progress_bar_wanted(auto, True, print, io.StringIO())  # a pipe or file: lines only
+    assert not callbacks.progress_bar_wanted(auto, False, print, Terminal())  # several workers print
+    assert not callbacks.progress_bar_wanted(auto, True, [].append, Terminal())  # tfpar's lines go elsewhere
+    assert not callbacks.progress_bar_wanted(explicit, True, print, Terminal())
+    x, y = np.random.rand(64, 4).astype("float32"), np.random.randint(0, 3, 64)
+    for after_sec, shown in ((3600.0, 0), (0.0, 2)):  # short epochs: no bar; long ones: a bar each, erased
+        screen = Terminal()
+        monkeypatch.setattr("sys.stdout", screen)  # where keras.utils.Progbar writes
+        bar = callbacks.ProgressBar(after_sec=after_sec, stream=screen)
+        tiny_model().fit(x, y, batch_size=8, epochs=2, callbacks=[bar], verbose=0)
+        assert bar.shown == shown
+        assert screen.getvalue().count("\r\x1b[2K") == shown and ("/8" in screen.getvalue()) == bool(shown)
 
 
 def test_best_checkpoint_keeps_only_improvements_atomically(tmp_path):

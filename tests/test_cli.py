@@ -98,7 +98,8 @@ def test_one_device_end_to_end_with_profile(tmp_path):
     assert code == 0, err[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert (summary["strategy"], summary["replicas"], summary["epochs_done"], summary["steps_done"]) == (
-        "_DefaultDistributionStrategy", 1, 2, 8)  # one_device on the host CPU (tfpar.strategies)
+        "one device (CPU)", 1, 2, 8)  # TF's default strategy on the host CPU (tfpar.strategies)
+    assert summary["strategy_class"] == "tf.distribute.Strategy"
     assert summary["versions"]["tensorflow"] and summary["config"]["profile_steps"] == "2,3"
     assert 0 <= summary["val_accuracy"] <= 1 and summary["examples_per_sec"] > 0
     assert json.loads((tmp_path / "summary.worker-0.json").read_text())["weights_sha256"] == summary["weights_sha256"]
@@ -108,7 +109,7 @@ def test_one_device_end_to_end_with_profile(tmp_path):
     assert len(tags["throughput/examples_per_sec"]) == 2 and len(tags["throughput/step_time_ms"]) == 2
     assert all(v > 0 for v in tags["throughput/examples_per_sec"])
     assert "epoch_loss" in tags and "epoch_examples_per_sec" in tags
-    assert "epoch 2:" in out and "done: val_accuracy=" in out
+    assert "epoch 2/2: loss " in out and "done: val_accuracy=" in out
 
 
 @pytest.mark.slow
@@ -119,7 +120,8 @@ def test_mirrored_two_virtual_cpus_end_to_end_from_flagfile(tmp_path):
     code, out, err = tfpar_train([f"--flagfile={flagfile}"])
     assert code == 0, err[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert (summary["strategy"], summary["replicas"], summary["global_batch_size"]) == ("MirroredStrategy", 2, 16)
+    assert (summary["strategy"], summary["replicas"], summary["global_batch_size"]) == ("mirrored ×2", 2, 16)
+    assert summary["strategy_class"] == "tf.distribute.MirroredStrategy"
     assert summary["steps_done"] == 8 and summary["train_loss"] > 0
     assert not (tmp_path / "run" / "train").exists()  # --notensorboard
 

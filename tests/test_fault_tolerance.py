@@ -128,7 +128,7 @@ def test_sigterm_saves_a_backup_and_the_same_command_resumes_at_that_step(tmp_pa
         def epoch_1_done():
             line = first.stdout.readline()
             lines.append(line)
-            return line.startswith("epoch 1:")
+            return line.startswith("epoch 1/")
 
         assert _wait_for(epoch_1_done, 240, first, poll=0), "".join(lines)
         first.send_signal(signal.SIGTERM)
@@ -220,3 +220,83 @@ def test_lost_peer_is_named_from_tfs_heartbeat_errors():
     assert preemption.lost_peers(cut_off, worker2) == ["worker-0"]  # the coordination leader
     assert preemption.lost_peers("Socket closed", worker2) == []
     assert preemption.heartbeat_timeout(300) == 10 and preemption.heartbeat_timeout(20) == 5
+
+
+RECORD = os.path.join(ROOT, "tests", "record_examples.py")
+
+
+def _flat_png(value):
+    """A flat 12x12 PNG whose red value is the example's id (tests/record_examples.py reads it back)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((12, 12, 3), np.uint8)
+    pixels[..., 0], pixels[..., 1] = value, 90
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_source(root, kind):
+    """24 training examples with ids 1..24 (4 classes) and 4 validation ones, as PNG folders or TFRecords."""
+    examples = {"train": [(i, i % 4) for i in range(1, 25)], "val": [(100 + c, c) for c in range(4)]}
+    if kind == "folder":
+        for split, items in examples.items():
+            for value, label in items:
+                os.makedirs(root / split / f"class{label}", exist_ok=True)
+                (root / split / f"class{label}" / f"{value}.png").write_bytes(_flat_png(value))
+        return f"folder:{root}"
+    import tensorflow as tf
+
+    def record(value, label):
+        return tf.train.Example(features=tf.train.Features(feature={
+            "image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[_flat_png(value)])),
+            "image/class/label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+        })).SerializeToString()
+
+    os.makedirs(root)
+    files = {"train-00000-of-00002": examples["train"][:12], "train-00001-of-00002": examples["train"][12:],
+             "validation-00000-of-00001": examples["val"]}
+    for name, items in files.items():
+        with tf.io.TFRecordWriter(str(root / name)) as writer:
+            for value, label in items:
+                writer.write(record(value, label))
+    return f"tfrecord:{root}/*"
+
+
+def _steps(path):
+    return [[int(v) for v in line.split()] for line in open(path).read().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["folder", "tfrecord"])
+def test_killed_mid_epoch_on_files_resumes_at_the_exact_example(tmp_path, kind):
+    """SIGKILL mid-epoch 2 on real files; the resumed run trains on the very batches an unstopped run trains on."""
+    spec = _write_source(tmp_path / "data", kind)
+    flags = ["--model=resnet18", "--width_multiplier=0.125", "--image_size=16", "--num_classes=4",
+             f"--data={spec}", "--batch_size=8", "--epochs=3", "--validation_steps=1", "--tensorboard=false",
+             "--checkpoint_best=false", "--backup_freq=2", "--verbose=0"]  # 24 / 8 = 3 steps per epoch
+    reference = _start([sys.executable, RECORD, str(tmp_path / "ref.ids"), "0", "--", *flags,
+                        f"--model_dir={tmp_path / 'ref'}"])
+    command = [sys.executable, RECORD, str(tmp_path / "run.ids"), "0", "--", *flags, f"--model_dir={tmp_path / 'run'}"]
+    killed = _start(command[:3] + ["5"] + command[4:])  # dies in step 5 (epoch 2), after the backup of step 4
+    try:
+        code, out = _finish(killed, 300)
+        assert code == -signal.SIGKILL, out[-3000:]
+        code, out = _finish(_start(command), 300)
+        ref_code, ref_out = _finish(reference, 300)
+    finally:
+        _reap(killed)
+        _reap(reference)
+    assert code == 0 and ref_code == 0, (out + ref_out)[-3000:]
+    resumed = _summary(str(tmp_path / "run"))["resumed_from"]
+    assert (resumed["step"], resumed["epoch"], resumed["batch"]) == (4, 1, 1)  # mid-epoch 2
+    ref, run = _steps(tmp_path / "ref.ids"), _steps(tmp_path / "run.ids")
+    assert len(ref) == 9 and len(run) == 5 + 5  # 5 steps before the kill (the 5th lost), 5 after the resume
+    trained = run[:4] + run[5:]  # the killed process's steps 1-4 (backed up), then the resumed ones
+    assert trained == ref  # the same examples in the same order, step by step
+    for epoch in range(3):  # so each epoch trained on every example exactly once, as the unstopped run did
+        seen = sorted(v for step in trained[3 * epoch:3 * epoch + 3] for v in step)
+        assert seen == list(range(1, 25))

@@ -187,10 +187,14 @@ def test_tfpar_train_multi_worker_fit_and_evaluate(tmp_path, workers, policy, su
     summaries = [json.loads((tmp_path / f"summary.worker-{i}.json").read_text()) for i in range(workers)]
     assert {s["weights_sha256"] for s in summaries} == {summaries[0]["weights_sha256"]}  # identical weights
     assert all(s["replicas"] == workers and s["num_workers"] == workers for s in summaries)
-    # CollectiveAllReduceStrategy is MultiWorkerMirroredStrategy's class name.
-    assert all(s["strategy"] == "CollectiveAllReduceStrategy" and s["precision"] == policy for s in summaries)
+    # Plain words for people; TF's public class (not CollectiveAllReduceStrategy) in its own field.
+    assert all(s["strategy"] == f"multi-worker ×{workers}" and s["precision"] == policy for s in summaries)
+    assert all(s["strategy_class"] == "tf.distribute.MultiWorkerMirroredStrategy" for s in summaries)
     assert all(s["all_reduce_dtype"] == summed_in for s in summaries)
     assert f"gradients summed in {summed_in}" in out
+    # Readable: only the chief prints its start line, epoch lines and result.
+    assert out.count(f"[worker-0] multi-worker ×{workers}: ") == 1 and "[worker-1] multi-worker" not in out
+    assert out.count("done: ") == 1 and "[worker-0] done: " in out
     assert summaries[0]["steps_done"] == summaries[0]["optimizer_updates"] == 12  # a step is one update
     assert all(s["examples_per_update"] == 16 * workers * accum for s in summaries)
     assert {s["val_loss"] for s in summaries} == {summaries[0]["val_loss"]}  # evaluate agrees on every worker

@@ -153,6 +153,8 @@ def test_async_training_under_launch_local_reaches_target_steps_with_variables_o
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps_done"] == 60
     assert summary["epochs_done"] == 3
+    assert summary["strategy"] == "parameter servers (2 workers, 1 ps)"  # plain words; TF's class apart
+    assert summary["strategy_class"] == "tf.distribute.ParameterServerStrategy"
     losses = summary["loss_history"]
     assert losses[-1] < losses[0] * 0.9, losses
     placement = summary["variable_placement"]

@@ -192,7 +192,7 @@ def test_cli_trains_on_a_mesh_and_reports_bytes_per_device(tmp_path):
                            "--batch_size=16", f"--model_dir={tmp_path}", "--verbose=0"])
     assert code == 0, err[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["strategy"] == "DTensor" and summary["mesh"] == {"batch": 2, "model": 2}
+    assert summary["strategy"] == "DTensor batch=2,model=2" and summary["mesh"] == {"batch": 2, "model": 2}
     assert summary["optimizer_updates"] == 3 and summary["replicas"] == 2
     assert 0 < summary["param_bytes_per_device"] < summary["param_bytes"]
     assert np.isfinite(summary["val_loss"])

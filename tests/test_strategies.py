@@ -63,6 +63,21 @@ def test_multi_worker_single_process_applies_the_compat_fixes():
     assert set(compat.applied()) == set(compat.NAMES)  # this Keras still has all three defects
 
 
+def test_plain_names_and_public_classes_for_people():
+    """What the start line and summary.json say: plain words, and never a private TF class."""
+    made = {
+        "one device (CPU)": strategies.create("one_device"),  # TF's _DefaultDistributionStrategy
+        "one device (CPU:0)": strategies.create("one_device", devices=["/cpu:0"]),
+        "mirrored ×1": strategies.create("mirrored", devices=["/cpu:0"]),
+        "multi-worker ×1": strategies.create("multi_worker", cluster=cluster.ClusterInfo()),  # CollectiveAllReduce...
+    }
+    assert {name: strategies.describe(s) for name, s in made.items()} == {name: name for name in made}
+    assert [strategies.public_class(s) for s in made.values()] == [
+        "tf.distribute.Strategy", "tf.distribute.OneDeviceStrategy", "tf.distribute.MirroredStrategy",
+        "tf.distribute.MultiWorkerMirroredStrategy"]
+    assert "_DefaultDistributionStrategy" == type(made["one device (CPU)"]).__name__  # what used to be shown
+
+
 @pytest.mark.parametrize("info,tpu,expected", [
     (cluster.ClusterInfo(source="tpu", tpu="local"), None, "tpu"),
     (cluster.ClusterInfo(), "grpc://1.2.3.4:8470", "tpu"),

@@ -23,7 +23,8 @@ when the backup was taken mid-epoch, ends the resumed epoch after the steps
 it still owed, so epochs keep their length. The optimizer, its ``iterations``
 and therefore the learning-rate schedule come back with the checkpoint;
 ``skip_completed(dataset)`` moves a deterministic input pipeline past the
-batches already trained on.
+batches already trained on (``tfpar.train`` instead builds its pipelines
+with ``data.make(skip_batches=...)``, which skips before decoding).
 """
 
 import dataclasses

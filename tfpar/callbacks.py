@@ -7,6 +7,7 @@ passes to ``fit``; each piece is usable on its own.
 import math
 import os
 import statistics
+import sys
 import time
 
 import keras
@@ -64,15 +65,73 @@ class ThroughputLogger(keras.callbacks.Callback):
                 tf.summary.scalar("throughput/step_time_ms", stats["step_time_ms"], step=epoch)
             self._writer.flush()
         if self.print_fn:
-            self.print_fn(
-                f"{self.prefix}"
-                f"epoch {epoch + 1}: {stats['examples_per_sec']:.1f} examples/sec, "
-                f"{stats['step_time_ms']:.1f} ms/step"
-            )
+            self.print_fn(f"{self.prefix}{epoch_line(epoch, self.params.get('epochs'), logs, stats)}")
 
     def median_examples_per_sec(self):
         values = [e["examples_per_sec"] for e in self.epochs]
         return statistics.median(values) if values else None
+
+
+def _scalar(value):
+    """``value`` as a float when it is one number (a Python or NumPy scalar, a 0-d tensor), else None."""
+    if getattr(value, "shape", ()) != ():
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def epoch_line(epoch, epochs, logs, stats):
+    """'epoch 2/5: loss 0.4123 - accuracy 0.8750 - val_loss ... - 212.3 examples/sec, 301.4 ms/step'."""
+    keys = sorted((k for k in (logs or {}) if k != "examples_per_sec" and _scalar(logs[k]) is not None),
+                  key=lambda k: (k.startswith("val_"), k.removeprefix("val_") != "loss"))  # loss first, then val_
+    shown = "".join(f"{k} {_scalar(logs[k]):.4f} - " for k in keys)
+    return (f"epoch {epoch + 1}{f'/{epochs}' if epochs else ''}: {shown}"
+            f"{stats['examples_per_sec']:.1f} examples/sec, {stats['step_time_ms']:.1f} ms/step")
+
+
+class ProgressBar(keras.callbacks.Callback):
+    """Keras's progress bar on a terminal, only in epochs long enough to want one.
+
+    The bar (``keras.utils.Progbar``) appears once an epoch has run
+    ``after_sec`` seconds, so short epochs show only the one line per epoch
+    ``ThroughputLogger`` prints; at the epoch's end the bar is erased and
+    that line follows. Place it before ``ThroughputLogger``.
+    """
+
+    def __init__(self, after_sec=5.0, stream=None):
+        super().__init__()
+        self.after_sec = after_sec
+        self.stream = stream or sys.stdout
+        self.shown = 0  # epochs that showed a bar
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._bar, self._start = None, time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        steps = self.params.get("steps")
+        if self._bar is None:
+            if not steps or batch + 1 >= steps or time.perf_counter() - self._start < self.after_sec:
+                return
+            self._bar = keras.utils.Progbar(steps, verbose=1, unit_name="step")
+            self.shown += 1
+        values = [(k, _scalar(v)) for k, v in (logs or {}).items() if _scalar(v) is not None]
+        self._bar.update(batch + 1, values)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._bar is not None:
+            self.stream.write("\r\x1b[2K")  # erase the bar's line; the epoch's one line replaces it
+            self.stream.flush()
+            self._bar = None
+
+
+def progress_bar_wanted(config, speaks_alone, print_fn, stream=None):
+    """Whether ``for_run`` adds a ``ProgressBar``: ``verbose`` unset (auto), one process printing,
+    tfpar's lines going to stdout, and stdout a terminal."""
+    stream = stream or sys.stdout
+    return (config.verbose is None and speaks_alone and print_fn is print
+            and hasattr(stream, "isatty") and stream.isatty())
 
 
 class BestCheckpoint(keras.callbacks.Callback):
@@ -105,12 +164,22 @@ class BestCheckpoint(keras.callbacks.Callback):
             os.replace(tmp, self.path)
 
 
+def write_text(log_dir, tag, text):
+    """One TensorBoard text summary (step 0) under ``log_dir``: what a person reads about the run."""
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default():
+        tf.summary.text(tag, text, step=0)
+    writer.close()
+
+
 def for_run(config, model_dir, is_chief, global_batch_size, has_validation, print_fn=print, task_name="",
             multi_worker=False):
     """The callbacks ``run()`` gives ``fit``: throughput, NaN guard, TensorBoard/profile, best weights.
 
     Only the chief prints epoch lines and keeps checkpoints, unless
     ``config.log_all_workers`` asks every worker to print (prefixed by task).
+    With ``config.verbose`` unset and one process printing to a terminal, a
+    ``ProgressBar`` shows progress inside long epochs.
     With ``multi_worker`` only the chief traces ``profile_steps``: a worker
     that does too crashes now and then inside TF's ``profiler.stop``
     (``munmap_chunk(): invalid pointer``, seen on TF 2.21 in 5 of 6 runs
@@ -125,6 +194,8 @@ def for_run(config, model_dir, is_chief, global_batch_size, has_validation, prin
         print_fn=print_fn if speak else None, prefix=prefix,  # print_fn=None: silent everywhere
     )
     cbs = [throughput, keras.callbacks.TerminateOnNaN()]
+    if speak and progress_bar_wanted(config, not config.log_all_workers, print_fn):
+        cbs.insert(0, ProgressBar())  # before the throughput line: it erases its bar first
     if config.tensorboard:
         traced = config.profile_range() if (is_chief or not multi_worker) else None
         cbs.append(keras.callbacks.TensorBoard(log_dir=model_dir, profile_batch=traced or 0))

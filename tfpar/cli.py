@@ -8,16 +8,17 @@ import dataclasses
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of the CLI
-
 from absl import flags
 
+from tfpar import quiet
 from tfpar.train import DEFAULT_GLOBAL_BATCH, TrainConfig
 
+# Flags are defined on first use: the model list comes from tfpar.models, which imports
+# TensorFlow, and TensorFlow must not load before run_main has set its log level.
 FLAGS = flags.FlagValues()
 _D = TrainConfig()
 _HELP = {
-    "model": "Model name: " + ", ".join(__import__("tfpar.models", fromlist=["names"]).names()) + ".",
+    "model": "Model name: {models}.",
     "num_classes": "Classes of the classifier (must match the data: digits 10, cifar10 10, cifar100 100, "
                    "folder = its class folders; ImageNet TFRecords store labels 1-1000, so use 1001).",
     "image_size": "Height and width the images are resized or cropped to.",
@@ -25,7 +26,9 @@ _HELP = {
     "bn_momentum": "BatchNormalization moving-statistics momentum (0.9 suits short runs).",
     "strategy": "auto, one_device, mirrored, multi_worker, tpu, parameter_server or dtensor.",
     "virtual_cpus": "Split the CPU into this many logical devices (mirrored or dtensor on a laptop).",
-    "precision": "auto, float32, mixed_float16 or mixed_bfloat16.",
+    "precision": "float32 (default, as in Keras), mixed_float16, mixed_bfloat16, or auto: mixed_bfloat16 on "
+                 "TPUs and on CPUs with native bfloat16, mixed_float16 on GPUs of compute capability 7.0+, "
+                 "else float32. Left at float32, tfpar-train says when this machine has a faster policy.",
     "data": "Input: digits (scikit-learn's bundled images), synthetic (random, for benchmarks), "
             "folder:PATH (PATH/<class>/<image>.jpg|png, or PATH/train + PATH/val), "
             "tfrecord:GLOB (ImageNet layout image/encoded + image/class/label; files named validation* "
@@ -67,7 +70,9 @@ _HELP = {
     "mesh": "DTensor mesh for --strategy=dtensor, e.g. batch=2,model=2.",
     "layout_rules": "DTensor layout rules file for --strategy=dtensor.",
     "seed": "Random seed for weights, shuffling and augmentation.",
-    "verbose": "Keras fit verbosity on the chief: 0, 1 or 2.",
+    "verbose": "Progress on the chief (every worker with --log_all_workers). Unset: one line per epoch, plus "
+               "Keras's progress bar inside epochs longer than 5 s when one process prints to a terminal; "
+               "0: the one line per epoch only; 1: Keras's progress bar always; 2: Keras's own line per epoch too.",
     "backup_dir": "Where backups for resuming go (default: MODEL_DIR/backup; shared storage in a cluster).",
     "backup_freq": "Back up every epoch ('epoch'), every N steps ('N'), or never ('none').",
     "keep_backups": "Keep the backups after a successful finish (default: delete them).",
@@ -79,11 +84,23 @@ _HELP = {
     "workers": "With --launcher=ray: the number of Ray Train workers.",
     "use_gpu": "With --launcher=ray: one GPU per Ray Train worker.",
 }
+# Flags of the command, not of the training run (no TrainConfig field).
+TF_LOG_LEVEL_HELP = ("TensorFlow's C++ log level: 0 shows all of it, 1 hides INFO, 2 (default) shows only errors, "
+                     "3 only fatal ones; default TF_CPP_MIN_LOG_LEVEL if set. Applies to TF's start-up lines too.")
+
+
+def _define_tf_log_level(flag_values):
+    flags.DEFINE_integer("tf_log_level", None, TF_LOG_LEVEL_HELP, lower_bound=0, upper_bound=3,
+                         flag_values=flag_values)
 
 
 def _define_flags():
+    if "model" in FLAGS:
+        return
+    from tfpar import models
+
     for field in dataclasses.fields(TrainConfig):
-        default, help_text = getattr(_D, field.name), _HELP[field.name]
+        default, help_text = getattr(_D, field.name), _HELP[field.name].format(models=", ".join(models.names()))
         kind = getattr(field.type, "__name__", str(field.type))  # "int | None" for optionals
         if kind == "bool":
             flags.DEFINE_boolean(field.name, default, help_text, flag_values=FLAGS)
@@ -93,13 +110,12 @@ def _define_flags():
             flags.DEFINE_integer(field.name, default, help_text, flag_values=FLAGS)
         else:
             flags.DEFINE_string(field.name, default, help_text, flag_values=FLAGS)
-
-
-_define_flags()
+    _define_tf_log_level(FLAGS)
 
 
 def config_from_flags(argv):
     """Parse ``argv`` (program name first) into a validated ``TrainConfig``."""
+    _define_flags()
     FLAGS.unparse_flags()  # a second call in one process starts from the defaults again
     rest = FLAGS(argv)
     if len(rest) > 1:
@@ -123,6 +139,7 @@ logs and summary.json to --model_dir. Flags may also come from --flagfile
 
 def help_text():
     """The --help text: usage and every flag with its default."""
+    _define_flags()
     return USAGE + "\nflags:\n" + FLAGS.get_help(include_special_flags=False) + (
         "\n  --flagfile: Read flags from this file, one --flag=value per line.\n")
 
@@ -135,6 +152,22 @@ def _sentence(err):
         return f"Unknown command line flag '{err.flagname}'{hint}; see tfpar-train --help."
     text = " ".join(str(err).split()).removeprefix("ERROR:: ")
     return text if text.endswith(".") else text + "."
+
+
+def _precision_offer(config):
+    """The chief's one line about a faster policy, when --precision was left at its float32 default."""
+    if FLAGS["precision"].present or config.precision != "float32":
+        return None
+    from tfpar import cluster, precision
+
+    try:
+        info = cluster.detect()
+    except ValueError:
+        return None  # train.run reports the bad cluster
+    if not info.is_chief:
+        return None
+    on_tpu = config.strategy == "tpu" or (config.strategy == "auto" and info.source == "tpu")
+    return precision.offer("tpu" if on_tpu else config.strategy)
 
 
 def main(argv=None):
@@ -150,6 +183,9 @@ def main(argv=None):
         return fail(str(err))
     from tfpar import train
 
+    faster = _precision_offer(config)
+    if faster:
+        print(f"precision float32 (the default, as in Keras); {faster}")
     try:
         if config.launcher == "ray":
             from tfpar import ray as tfpar_ray
@@ -159,15 +195,34 @@ def main(argv=None):
             summary = train.run(config)
     except ValueError as err:
         return fail(str(err))
+    chief = summary.get("is_chief", True)
+    if not (chief or config.log_all_workers):
+        return 0  # in a cluster only the chief speaks, unless asked
     shown = {k: summary.get(k) for k in ("val_accuracy", "val_loss", "train_accuracy", "train_loss")}
     metrics = " ".join(f"{k}={v:.4f}" for k, v in shown.items() if isinstance(v, (int, float)))
+    written = "summary.json" if chief else f"summary.{summary.get('task')}.json"
     print(f"done: {metrics} examples/sec={summary.get('examples_per_sec') or 0:.1f} "
-          f"summary={os.path.join(config.model_dir, 'summary.json')}")
+          f"summary={os.path.join(config.model_dir, written)}")
     return 0
 
 
+def tf_log_level_from(argv):
+    """``--tf_log_level`` from ``argv`` (flag files included) before TensorFlow loads; None if absent or bad.
+
+    A bad value is left for ``main`` to report as a usage error.
+    """
+    early = flags.FlagValues()
+    _define_tf_log_level(early)
+    try:
+        early(list(argv), known_only=True)
+    except flags.Error:
+        return None
+    return early.tf_log_level
+
+
 def run_main():
-    """Console-script entry point."""
+    """Console-script entry point: TensorFlow's C++ log quiet (``tfpar.quiet``), then ``main``."""
+    quiet.start_tensorflow(quiet.level(tf_log_level_from(sys.argv)))
     sys.exit(main())
 
 

@@ -323,17 +323,26 @@ def _options(policy):
     return options
 
 
-def _finish(ds, batch_size, training, seed, policy, shuffle_buffer, map_fn=None):
-    """Shuffle/repeat (training), map, batch once, set the autoshard policy, prefetch."""
+def _finish(ds, batch_size, training, seed, policy, shuffle_buffer, map_fn=None, skip_batches=0):
+    """Shuffle/repeat (training), skip, map, batch once, set the autoshard policy, prefetch.
+
+    ``skip_batches`` (training) drops the first that many batches' examples of the
+    shuffled stream before ``map_fn``, so a resumed run starts at the exact example
+    where its backup was taken without reading or decoding the skipped images; the
+    augmentation counter starts there too, so every example gets the seed it had.
+    """
     import tensorflow as tf
 
+    skipped = skip_batches * batch_size if training else 0
     if training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
+        if skipped:
+            ds = ds.skip(skipped)
     if map_fn is not None:
         if training:
             # Each example gets the stateless seed (seed, running index): augmentation is deterministic
             # under parallel map, and a counter (scan) is no new source, so FILE autoshard still works.
-            ds = ds.scan(tf.constant(0, tf.int64),
+            ds = ds.scan(tf.constant(skipped, tf.int64),
                          lambda i, example: (i + 1, (example, tf.stack([tf.constant(seed, tf.int64), i]))))
             ds = ds.map(lambda example, s: map_fn(*example, s), num_parallel_calls=tf.data.AUTOTUNE)
         else:
@@ -429,7 +438,7 @@ def _shard(ds, context):
     return ds.shard(context.num_input_pipelines, context.input_pipeline_id) if context else ds
 
 
-def _split(source, split, config, batch_size, num_workers, worker_index, context):
+def _split(source, split, config, batch_size, num_workers, worker_index, context, skip_batches=0):
     """One split's pipeline, or ``None`` when the source has no such split."""
     import tensorflow as tf
 
@@ -453,7 +462,7 @@ def _split(source, split, config, batch_size, num_workers, worker_index, context
             map_fn = _cifar_preprocess(size)
         x, y = (x_tr, y_tr) if training else (x_va, y_va)
         ds = _shard(tf.data.Dataset.from_tensor_slices((x, y)), context)
-        return _finish(ds, batch_size, training, seed, "OFF" if context else "DATA", len(x), map_fn)
+        return _finish(ds, batch_size, training, seed, "OFF" if context else "DATA", len(x), map_fn, skip_batches)
     files = source.train_files if training else source.val_files
     if not files:
         return None
@@ -462,8 +471,10 @@ def _split(source, split, config, batch_size, num_workers, worker_index, context
         ds = tf.data.Dataset.from_tensor_slices((files, labels))
         # Sharded here (by pipeline, or by worker for Keras fit) so each image is decoded by one worker only.
         ds = _shard(ds, context) if context else ds.shard(num_workers, worker_index)
-        ds = ds.map(lambda f, lab: (tf.io.read_file(f), lab), num_parallel_calls=tf.data.AUTOTUNE)
-        return _finish(ds, batch_size, training, seed, "OFF", 10_000, _decode_preprocess(size))
+        preprocess = _decode_preprocess(size)
+        # Files are read after shuffling (the same order as shuffling their bytes), so skipping is free.
+        return _finish(ds, batch_size, training, seed, "OFF", 10_000,
+                       lambda f, lab, s: preprocess(tf.io.read_file(f), lab, s), skip_batches)
     # tfrecord: shard by file when every pipeline gets at least one file, else by record.
     pipelines, index = (context.num_input_pipelines, context.input_pipeline_id) if context else (num_workers, worker_index)
     by_file = len(files) >= pipelines
@@ -478,10 +489,11 @@ def _split(source, split, config, batch_size, num_workers, worker_index, context
         ds = _shard(ds, context)
     ds = ds.map(_parse_example, num_parallel_calls=tf.data.AUTOTUNE)
     policy = "OFF" if context or by_file else "DATA"
-    return _finish(ds, batch_size, training, seed, policy, 10_000, _decode_preprocess(size))
+    return _finish(ds, batch_size, training, seed, policy, 10_000, _decode_preprocess(size), skip_batches)
 
 
-def make(config, global_batch_size, source=None, input_context=None, num_workers=1, worker_index=0, micro_batches=1):
+def make(config, global_batch_size, source=None, input_context=None, num_workers=1, worker_index=0, micro_batches=1,
+         skip_batches=0):
     """Train and validation pipelines for ``config.data``.
 
     Args:
@@ -496,13 +508,18 @@ def make(config, global_batch_size, source=None, input_context=None, num_workers
       micro_batches: training batches hold this many batches of
         ``global_batch_size`` (gradient accumulation, ``tfpar.steps``); one
         step consumes them all. Validation batches hold one.
+      skip_batches: resume: the training pipeline starts after this many of
+        its batches (the steps a backup recorded), at the exact example and
+        with the same augmentation seeds as an uninterrupted run; the skipped
+        examples are not decoded. Synthetic data has no position to skip.
 
     Returns:
       ``Pipelines``; ``val`` is ``None`` for sources without a validation split.
     """
     source = source or inspect(config.data, config.num_classes, config.seed)
     batch = input_context.get_per_replica_batch_size(global_batch_size) if input_context else global_batch_size
-    train = _split(source, "train", config, batch * micro_batches, num_workers, worker_index, input_context)
+    train = _split(source, "train", config, batch * micro_batches, num_workers, worker_index, input_context,
+                   skip_batches)
     val = _split(source, "val", config, batch, num_workers, worker_index, input_context)
     steps, val_steps = config.steps_per_epoch, config.validation_steps
     if source.kind == "synthetic":

@@ -24,6 +24,8 @@ import sys
 import threading
 import time
 
+from tfpar import quiet
+
 HOST = "127.0.0.1"
 STOP_GRACE_SEC = 5.0  # after a task failed: its peers are stuck in collectives, no save is coming
 PREEMPT_GRACE_SEC = 30.0  # after the launcher itself got SIGTERM/Ctrl-C: tfpar-train saves a backup (25 s grace)
@@ -154,9 +156,13 @@ def exit_code_of(returncode):
 class Supervisor:
     """Starts the tasks, streams their output, and stops them all on the first failure."""
 
-    def __init__(self, tasks, env=None, timeout=None, restart_policy=never_restart, out=None, fresh_ports=True):
+    def __init__(self, tasks, env=None, timeout=None, restart_policy=never_restart, out=None, fresh_ports=True,
+                 tf_log_level=None):
         self.tasks = tasks
         self.env = dict(os.environ if env is None else env)
+        # The tasks' TensorFlow C++ log level (tfpar.quiet): --tf_log_level, else the user's, else 2.
+        self.tf_log_level = quiet.level(tf_log_level, self.env)
+        self.env[quiet.ENV] = str(self.tf_log_level)
         self.timeout = timeout
         self.restart_policy = restart_policy
         self.out = out or sys.stdout
@@ -175,7 +181,9 @@ class Supervisor:
     def _stream(self, task, proc):
         prefix = f"[{task.name}] "
         for raw in iter(proc.stdout.readline, b""):
-            self._print(prefix + raw.decode("utf-8", "replace").rstrip("\n") + "\n")
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if quiet.keep(line, self.tf_log_level):
+                self._print(prefix + line + "\n")
         proc.stdout.close()
 
     def start(self, task):
@@ -262,7 +270,7 @@ class Supervisor:
 
 def serve():
     """A bare ``tf.distribute.Server`` for this process's TF_CONFIG task, until killed."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet.start_tensorflow()
     import tensorflow as tf
 
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
@@ -275,7 +283,7 @@ def serve():
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="tfpar-launch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s --workers N [--ps M] [--port-base P] [--timeout S] [--restarts K] -- COMMAND...")
+                                     usage="%(prog)s --workers N [--ps M] [--port-base P] [--timeout S] [--restarts K] [--tf_log_level L] -- COMMAND...")
     parser.add_argument("--workers", type=int, default=2, help="worker tasks (default 2)")
     parser.add_argument("--ps", type=int, default=0, help="parameter-server tasks; adds a chief that runs COMMAND")
     parser.add_argument("--port-base", type=int, default=None,
@@ -285,6 +293,9 @@ def parse_args(argv):
                         help="restart the whole cluster after a task fails, up to K times (default 0)")
     parser.add_argument("--servers", default="builtin", choices=("builtin", "command"),
                         help="with --ps: what worker and ps tasks run (default: a built-in tf.distribute.Server)")
+    parser.add_argument("--tf_log_level", type=int, default=None, choices=quiet.LEVELS,
+                        help="TensorFlow's C++ log level for every task: 0 all, 1 no INFO, 2 errors only (default, "
+                             "or TF_CPP_MIN_LOG_LEVEL if set), 3 fatal only")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the program every COMMAND task runs, after '--'")
     args = parser.parse_args(argv)
@@ -308,7 +319,7 @@ def main(argv=None):
         parser.error(str(err))
     policy = restart_up_to(args.restarts) if args.restarts else never_restart
     supervisor = Supervisor(tasks, timeout=args.timeout, restart_policy=policy,
-                            fresh_ports=args.port_base is None)
+                            fresh_ports=args.port_base is None, tf_log_level=args.tf_log_level)
 
     def on_signal(signum, frame):
         for sig in (signal.SIGINT, signal.SIGTERM):  # one stop is enough; stop_all escalates itself

@@ -286,7 +286,7 @@ def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_sha
 
     import keras
 
-    from tfpar import compat, precision, ps_fit, summary
+    from tfpar import compat, precision, ps_fit, strategies, summary
     from tfpar import train as train_lib
 
     strategy, _ = create(cluster_info, num_ps_shards, min_shard_bytes)
@@ -305,8 +305,8 @@ def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_sha
                       steps_per_execution=config.steps_per_execution)
     val = pipes.val.take(pipes.validation_steps) if pipes.val is not None and pipes.validation_steps else pipes.val
     if print_fn:
-        print_fn(f"ParameterServerStrategy: {cluster_info.num_workers - 1} worker(s), {cluster_info.num_ps} ps, "
-                 f"batch {batch} per step, {config.steps_per_execution} step(s) per scheduled function, "
+        print_fn(f"{strategies.describe(strategy, cluster_info)}: batch {batch} per step, "
+                 f"{config.steps_per_execution} step(s) per scheduled function, "
                  f"precision {policy}, peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
 
     timer = ps_fit.timed_epochs()
@@ -314,7 +314,7 @@ def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_sha
     callbacks = [saver, timer]
     if config.tensorboard:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=config.model_dir))
-    if print_fn and config.verbose:
+    if print_fn and config.verbose != 0:
         callbacks.append(epoch_printer(print_fn, config.epochs))
     history = model.fit(pipes.train, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
                         validation_data=val, callbacks=callbacks, verbose=0)
@@ -324,7 +324,8 @@ def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_sha
     rates = [pipes.steps_per_epoch * batch / s for s in timer.seconds if s > 0]
     epochs_run = len(hist.get("loss", []))
     return {
-        "strategy": type(strategy).__name__,
+        "strategy": strategies.describe(strategy, cluster_info),
+        "strategy_class": strategies.public_class(strategy),
         "replicas": strategy.num_replicas_in_sync,
         "precision": policy,
         "global_batch_size": batch,

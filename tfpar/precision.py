@@ -33,6 +33,26 @@ def onednn_enabled(environ=None):
     return env.get("TF_ENABLE_ONEDNN_OPTS", "1").strip().lower() not in ("0", "false")
 
 
+def offer(strategy_name="auto"):
+    """One sentence when this machine likely has a faster mixed policy than float32, else None.
+
+    For ``tfpar-train`` runs that left ``--precision`` at float32. Reads only
+    /proc and the strategy name, never TensorFlow's devices: it runs before
+    ``tfpar.cluster.pin_gpus`` may set CUDA_VISIBLE_DEVICES.
+    """
+    from tfpar import quiet
+
+    if strategy_name == "tpu":
+        return "TPUs compute in bfloat16: --precision=auto (mixed_bfloat16) trains faster."
+    if quiet.nvidia_driver_present():
+        return ("NVIDIA GPUs of compute capability 7.0 or newer (V100, T4, A100, H100) train faster in "
+                "mixed_float16: --precision=auto picks it on those.")
+    if cpu_has_native_bf16() and onednn_enabled():
+        return ("this CPU computes bfloat16 natively (AVX512_BF16/AMX): --precision=auto (mixed_bfloat16) "
+                "trains faster here.")
+    return None
+
+
 def _gpu_compute_capability():
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:

@@ -57,6 +57,64 @@ def is_multi_worker(strategy):
             and strategy.extended._in_multi_worker_mode())
 
 
+def _device_kind(name):
+    """'/job:localhost/replica:0/task:0/device:GPU:1' -> 'GPU:1'."""
+    return name.rsplit("device:", 1)[-1].upper() if "device:" in name else name.lstrip("/").upper()
+
+
+def _jobs(strategy):
+    """{job name: task count} of the strategy's cluster ({} when it has none)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec() if resolver is not None else None
+    return {job: spec.num_tasks(job) for job in spec.jobs} if spec is not None else {}
+
+
+def describe(strategy, cluster=None):
+    """A plain name for ``strategy``, for people: 'one device (CPU)', 'mirrored ×2', 'multi-worker ×3', ...
+
+    ``type(strategy).__name__`` can be a private TF class (``_DefaultDistributionStrategy``
+    for the host CPU, ``CollectiveAllReduceStrategy`` for multi-worker); this never is.
+    ``cluster`` (a ``tfpar.cluster.ClusterInfo``) names the tasks of a parameter-server cluster.
+    """
+    replicas = strategy.num_replicas_in_sync
+    if isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)):
+        return f"TPU ×{replicas}"
+    if isinstance(strategy, tf.distribute.ParameterServerStrategy):
+        # ParameterServerStrategy's public cluster_resolver is None; ``cluster`` (a ClusterInfo) knows.
+        jobs = {job: len(tasks) for job, tasks in cluster.cluster_spec.items()} if cluster else _jobs(strategy)
+        if not jobs:
+            return "parameter servers"
+        workers, ps = jobs.get("worker", 0), jobs.get("ps", 0)
+        return f"parameter servers ({workers} worker{'s' * (workers != 1)}, {ps} ps)"
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        jobs = _jobs(strategy)
+        workers = jobs.get("chief", 0) + jobs.get("worker", 0) or 1
+        return f"multi-worker ×{workers}" + (f" ({replicas} replicas)" if replicas != workers else "")
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return f"mirrored ×{replicas}"
+    if isinstance(strategy, tf.distribute.OneDeviceStrategy):
+        return f"one device ({_device_kind(strategy.extended.worker_devices[0])})"
+    if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
+        return "one device (GPU)" if tf.config.list_logical_devices("GPU") else "one device (CPU)"
+    return f"{type(strategy).__name__.lstrip('_')} ×{replicas}"
+
+
+def public_class(strategy):
+    """TF's public class of ``strategy``, e.g. 'tf.distribute.MultiWorkerMirroredStrategy'.
+
+    ``type(strategy).__name__`` would say ``CollectiveAllReduceStrategy`` or the private
+    ``_DefaultDistributionStrategy``; the default strategy is reported as ``tf.distribute.Strategy``.
+    """
+    exported = ((tf.distribute.TPUStrategy, "TPUStrategy"), (tf.distribute.experimental.TPUStrategy, "TPUStrategy"),
+                (tf.distribute.ParameterServerStrategy, "ParameterServerStrategy"),
+                (tf.distribute.MultiWorkerMirroredStrategy, "MultiWorkerMirroredStrategy"),
+                (tf.distribute.MirroredStrategy, "MirroredStrategy"), (tf.distribute.OneDeviceStrategy, "OneDeviceStrategy"))
+    for cls, name in exported:  # the class objects' own __name__ can differ from the exported name
+        if isinstance(strategy, cls):
+            return f"tf.distribute.{name}"
+    return "tf.distribute.Strategy"
+
+
 def local_devices():
     """Names of this process's accelerators, or its CPUs when it has none."""
     for kind in ("GPU", "CPU"):
@@ -197,7 +255,7 @@ def create(name="auto", *, devices=None, virtual_cpus=None, all_reduce=None, num
         strategy = _tpu(cluster, tpu)
     else:
         strategy = _parameter_server(cluster, num_ps_shards, min_shard_bytes)
-    log.info("strategy %s with %d replica(s)", type(strategy).__name__, strategy.num_replicas_in_sync)
+    log.info("strategy %s", describe(strategy))
     return strategy
 
 

@@ -79,7 +79,7 @@ class TrainConfig:
     mesh: str | None = None  # dtensor only, e.g. "batch=2,model=2"
     layout_rules: str | None = None  # dtensor only: a file of layout rules
     seed: int = 0
-    verbose: int = 2
+    verbose: int | None = None  # None: tfpar.callbacks picks a progress bar or one line per epoch
     # fault tolerance (tfpar.backup, tfpar.preemption)
     backup_dir: str = ""  # default: model_dir/backup
     backup_freq: str = "epoch"  # "epoch", a number of steps, or "none"
@@ -144,8 +144,8 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
         if not self.width_multiplier > 0:
             raise ValueError(f"width_multiplier must be positive, got {self.width_multiplier!r}.")
-        if self.verbose not in (0, 1, 2):
-            raise ValueError(f"verbose must be 0, 1 or 2, got {self.verbose!r}.")
+        if self.verbose not in (None, 0, 1, 2):
+            raise ValueError(f"verbose must be unset (auto), 0, 1 or 2, got {self.verbose!r}.")
         self.profile_range()
         data.parse(self.data)
         self._validate_fault_tolerance()
@@ -299,8 +299,9 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     policy = precision.apply(config.precision, strategy)
     keras.utils.set_random_seed(config.seed)
 
+    resume_step = backup_cb.resume.step if backup_cb is not None and backup_cb.resume is not None else 0
     pipes = data.make(config, global_batch, source, num_workers=info.num_workers, worker_index=info.task_index,
-                      micro_batches=accum)
+                      micro_batches=accum, skip_batches=resume_step)  # resumes at the backup's exact example
     jit = resolve_jit_compile(config.jit_compile, strategy)
     with strategy.scope():
         model = build_model(config)
@@ -321,18 +322,21 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     train_ds = pipes.train
     if backup_cb is not None:
         cbs.insert(0, backup_cb)  # first: it sets the initial epoch before the others begin
-        train_ds = backup_cb.skip_completed(train_ds)
+    name = strategies.describe(strategy)
+    summed = f", gradients summed in {reduce_dtype}" if replicas > 1 else ""
+    micro = f" x {accum} micro-batches per update" if accum > 1 else ""
+    start_line = (f"{name}: global batch {global_batch}{micro}{summed}, precision {policy}, "
+                  f"peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
     if print_fn and (chief or config.log_all_workers):
-        summed = f", gradients summed in {reduce_dtype}" if replicas > 1 else ""
-        micro = f" x {accum} micro-batches per update" if accum > 1 else ""
-        print_fn(f"{type(strategy).__name__}: {replicas} replica(s), global batch {global_batch}{micro}{summed}, "
-                 f"precision {policy}, peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
+        print_fn(start_line)
+    if chief and config.tensorboard:
+        callbacks.write_text(model_dir, "run", start_line)
     try:
         with preemption.peers_stay(info, config.cluster_timeout):  # a peer lost mid-run: one line, exit 69
             history = model.fit(
                 train_ds, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
                 validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
-                callbacks=cbs, verbose=config.verbose if (chief or config.log_all_workers) else 0,
+                callbacks=cbs, verbose=(config.verbose or 0) if (chief or config.log_all_workers) else 0,
                 shuffle=False,  # the dataset shuffles itself
             )
             final = (model.evaluate(pipes.val, steps=pipes.validation_steps, return_dict=True, verbose=0)
@@ -348,7 +352,8 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     hist = history.history
     last = lambda key: float(hist[key][-1]) if hist.get(key) else None  # noqa: E731
     return {
-        "strategy": type(strategy).__name__,
+        "strategy": name,  # plain words; TF's class in strategy_class
+        "strategy_class": strategies.public_class(strategy),
         "replicas": replicas,
         "precision": policy,
         "global_batch_size": global_batch,

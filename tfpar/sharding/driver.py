@@ -92,19 +92,21 @@ def train(config, info, print_fn=print):
     model_dir = config.model_dir if chief else os.path.join(config.model_dir, "workers", info.task_name)
     cbs, throughput = callbacks.for_run(config, model_dir, chief, global_batch, pipes.val is not None,
                                         print_fn=print_fn, task_name=info.task_name)
+    name = f"DTensor {','.join(f'{k}={v}' for k, v in mesh_shape.items())}"
     if speak:
-        print_fn(f"DTensor mesh {','.join(f'{k}={v}' for k, v in mesh_shape.items())}: global batch {global_batch}, "
+        print_fn(f"{name}: global batch {global_batch}, "
                  f"precision {policy}, {sum(1 for r in rows if any(r['spec']))} of {len(rows)} weights sharded, "
                  f"parameters {totals['param_bytes_per_device'] / 2**20:.2f} of {totals['param_bytes'] / 2**20:.2f} "
                  f"MiB per device, {pipes.steps_per_epoch} steps/epoch")
     history = trainer.fit(pipes.train, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
                           validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
-                          callbacks=cbs, verbose=config.verbose if speak else 0)
+                          callbacks=cbs, verbose=(config.verbose or 0) if speak else 0)
     final = trainer.evaluate(pipes.val, steps=pipes.validation_steps) if pipes.val is not None else {}
     hist = history.history
     last = lambda key: float(hist[key][-1]) if hist.get(key) else None  # noqa: E731
     return {
-        "strategy": "DTensor",
+        "strategy": name,  # plain words, like tfpar.strategies.describe
+        "strategy_class": "tf.experimental.dtensor.Mesh",
         "replicas": replicas,
         "precision": policy,
         "global_batch_size": global_batch,
