@@ -125,7 +125,8 @@ def sum_in_buckets(grads, bucket_bytes, dtype="float32"):
     ``ReplicaContext.all_reduce`` call, so its collective depends only on its
     own gradients and TensorFlow's executor can start it while the backward
     pass still computes earlier layers' gradients. Within a bucket TF packs
-    the tensors into one collective (``CommunicationOptions.bytes_per_pack``).
+    the tensors into one collective (``CommunicationOptions.bytes_per_pack``
+    set to the bucket's size).
     ``dtype="bfloat16"`` sums float32 gradients in bfloat16, as ``use_bfloat16``.
     """
     import tensorflow as tf
@@ -133,11 +134,13 @@ def sum_in_buckets(grads, bucket_bytes, dtype="float32"):
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync < 2:
         return list(grads)
-    options = tf.distribute.experimental.CommunicationOptions(bytes_per_pack=int(bucket_bytes))
+    sizes = [_nbytes(g) for g in grads]
     out = list(grads)
-    for bucket in plan([_nbytes(g) for g in grads], bucket_bytes):
+    for bucket in plan(sizes, bucket_bytes):
         values = [grads[i] for i in bucket]
         narrow = [tf.cast(g, tf.bfloat16) if dtype == "bfloat16" and g.dtype == tf.float32 else g for g in values]
+        # A pack as large as the bucket: one collective per bucket, whatever the strategy's own bytes_per_pack.
+        options = tf.distribute.experimental.CommunicationOptions(bytes_per_pack=sum(sizes[i] for i in bucket) + 1)
         reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, narrow, options=options)
         for i, g, r in zip(bucket, values, reduced):
             out[i] = tf.cast(r, g.dtype) if r.dtype != g.dtype else r
