@@ -21,7 +21,10 @@ float32.
 """
 
 import contextlib
+import logging
 import threading
+
+log = logging.getLogger("tfpar")
 
 DTYPES = ("float32", "bfloat16")
 _HOOK = "_all_reduce_sum_gradients"  # keras/src/backend/tensorflow/optimizer.py, Keras 3.x
@@ -248,5 +251,9 @@ def buckets(model, bucket_mb=DEFAULT_BUCKET_MB):
     on = bucket_mb > 0 and mirrored and strategy.num_replicas_in_sync > 1  # TPUs sum inside XLA; PS does not
     use_buckets(model.optimizer, bucket_mb if on else 0)
     model._tfpar_bucketed = on
+    if on and tf.config.threading.get_inter_op_parallelism_threads() == 1:
+        log.warning("tfpar.all_reduce: with one inter-op thread TensorFlow starts each gradient bucket's all-reduce "
+                    "only after the backward pass, so buckets cannot overlap it; use 2 or more "
+                    "(tf.config.threading.set_inter_op_parallelism_threads).")
     steps.install(model)
     return bucket_mb if on else 0
