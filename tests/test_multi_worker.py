@@ -189,8 +189,8 @@ def test_tfpar_train_multi_worker_fit_and_evaluate(tmp_path, workers, policy, su
     assert all(s["replicas"] == workers and s["num_workers"] == workers for s in summaries)
     # CollectiveAllReduceStrategy is MultiWorkerMirroredStrategy's class name.
     assert all(s["strategy"] == "CollectiveAllReduceStrategy" and s["precision"] == policy for s in summaries)
-    assert all(s["all_reduce_dtype"] == summed_in for s in summaries)
-    assert f"gradients summed in {summed_in}" in out
+    assert all(s["all_reduce_dtype"] == summed_in and s["all_reduce_bucket_mb"] == 25 for s in summaries)
+    assert f"gradients summed in {summed_in} in 25 MiB buckets" in out  # tfpar's default: buckets
     assert summaries[0]["steps_done"] == summaries[0]["optimizer_updates"] == 12  # a step is one update
     assert all(s["examples_per_update"] == 16 * workers * accum for s in summaries)
     assert {s["val_loss"] for s in summaries} == {summaries[0]["val_loss"]}  # evaluate agrees on every worker
