@@ -1,4 +1,4 @@
-"""Gradient all-reduce in bfloat16: half the bytes between replicas each step.
+"""The gradient all-reduce: in bfloat16 (half the bytes), and in buckets that overlap the backward pass.
 
 With ``MultiWorkerMirroredStrategy`` on CPUs the float32 gradient all-reduce
 runs after the backward pass and does not overlap it: a TensorBoard trace of
@@ -18,6 +18,18 @@ Keras 3 sums gradients over replicas in one place, the TensorFlow optimizer's
 optimizer instance it is given (no subclassing) and checks that it exists, so
 a Keras that renames it fails with one sentence instead of silently sending
 float32.
+
+Buckets (``buckets(model, mb)``, ``--all_reduce_bucket_mb``): Keras sums every
+gradient in one batch after the whole backward pass. ``plan`` groups them
+from the last layer back into buckets of about ``mb`` MiB, and
+``sum_in_buckets`` makes one ``ReplicaContext.all_reduce`` call per bucket,
+so each collective depends only on its own gradients and can run while the
+backward pass computes the earlier ones (PyTorch DDP's buckets, Horovod's
+tensor fusion). ``tfpar.steps`` sums them before ``apply_gradients``
+(``sum_before_apply``) and the optimizer's hook then passes them through
+(``summed_already``). TensorFlow's executor needs two or more inter-op
+threads for this: with one it launches a collective only after the chain of
+compute ops it is running (traced on a one-core worker).
 """
 
 import contextlib
