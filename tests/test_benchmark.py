@@ -39,7 +39,7 @@ def test_markdown_shows_ratios_targets_and_the_profile_table():
     report = {"machine": {"cpu": "cpu", "gpu": None}, "date": "2026-11-23", "suite": "default",
               "versions": {}, "comparisons": {"scaling": [first, second]}}
     text = benchmark.markdown(report)
-    assert "| scaling | 2 workers | 16.0 | 16.0-16.0 | 0.80 | 0.90 |" in text
+    assert "| scaling | 2 workers | 16.0 | 16.0-16.0 | 0.80 | 0.90 |  | 0.95 |" in text
     assert "| scaling | 2 workers | 2882 | 2175 | 707 | 701 | 13 |" in text
 
 
@@ -51,7 +51,28 @@ def test_step_time_counts_every_micro_batch():
 
 @pytest.mark.parametrize("suite", ["default", "quick"])
 def test_scaling_compares_the_same_work_per_worker(suite):
-    one, two = benchmark.suites(suite)["scaling"]
+    one, two, ceiling = benchmark.suites(suite)["scaling"]
     assert (one.get("workers", 1), two["workers"]) == (1, 2)
+    assert ceiling["ceiling"] and ceiling["copies"] == 2 and "workers" not in ceiling
+    assert {k: v for k, v in ceiling.items() if k not in ("name", "copies", "ceiling")} == \
+        {k: v for k, v in one.items() if k != "name"}  # the 1-worker case itself, twice at once
     assert benchmark.examples_per_step(two) == 2 * benchmark.examples_per_step(one)
     assert one["train_options"]["grad_accum_steps"] == two["train_options"]["grad_accum_steps"] > 1
+
+
+def test_ceiling_is_two_independent_copies_and_multi_worker_cases_are_read_against_it():
+    one = case("1 worker", [10.0])
+    ceiling = case("ceiling", [18.0], copies=2, ceiling=True)
+    two = case("2 workers", [16.0], workers=2)
+    assert benchmark.ratio(ceiling, one) == pytest.approx(0.9)  # the machine's own efficiency against linear
+    benchmark.add_ceiling_ratios([one, two, ceiling])
+    assert two["ratio_to_ceiling"] == pytest.approx(16.0 / 18.0) and "ratio_to_ceiling" not in one
+    assert benchmark.examples_per_step({"batch": 16, "copies": 2}) == 32  # each copy steps on its own batch
+
+
+@pytest.mark.parametrize("suite", ["default", "quick"])
+def test_plain_scaling_compares_buckets_with_keras_single_all_reduce_and_the_ceiling(suite):
+    one, buckets, single, ceiling = benchmark.suites(suite)["scaling_plain"]
+    assert "train_options" not in buckets  # tfpar's default buckets
+    assert single["train_options"] == {"all_reduce_bucket_mb": 0}
+    assert ceiling["ceiling"] and ceiling["copies"] == 2

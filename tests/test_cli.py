@@ -73,6 +73,7 @@ def _corrupt_folder(p):
     (["positional"], None, "Unexpected argument"),
     (["--flagfile={p}/none.flags"], None, "Unable to open flagfile"),
     (["--strategy=dtensor", "--mesh=2x2"], None, "mesh must look like"),
+    (["--all_reduce_bucket_mb=-1"], None, "all_reduce_bucket_mb must be a number >= 0"),
 ])
 def test_mistakes_exit_2_with_one_sentence(tmp_path, capsys, args, setup, message):
     if setup:

@@ -190,8 +190,8 @@ def test_tfpar_train_multi_worker_fit_and_evaluate(tmp_path, workers, policy, su
     # Plain words for people; TF's public class (not CollectiveAllReduceStrategy) in its own field.
     assert all(s["strategy"] == f"multi-worker ×{workers}" and s["precision"] == policy for s in summaries)
     assert all(s["strategy_class"] == "tf.distribute.MultiWorkerMirroredStrategy" for s in summaries)
-    assert all(s["all_reduce_dtype"] == summed_in for s in summaries)
-    assert f"gradients summed in {summed_in}" in out
+    assert all(s["all_reduce_dtype"] == summed_in and s["all_reduce_bucket_mb"] == 25 for s in summaries)
+    assert f"gradients summed in {summed_in} in 25 MiB buckets" in out  # tfpar's default: buckets
     # Readable: only the chief prints its start line, epoch lines and result.
     assert out.count(f"[worker-0] multi-worker ×{workers}: ") == 1 and "[worker-1] multi-worker" not in out
     assert out.count("done: ") == 1 and "[worker-0] done: " in out

@@ -58,6 +58,10 @@ _HELP = {
     "all_reduce_dtype": "float32, or bfloat16 to sum gradients between replicas in half the bytes (multi-worker "
                         "on CPUs: the all-reduce is ~1/4 of a ResNet-50 step; each summed gradient is rounded "
                         "to ~0.4%, weights and updates stay float32).",
+    "all_reduce_bucket_mb": "MiB of gradients per all-reduce bucket under mirrored/multi_worker (default 25): "
+                            "the last layers' gradients are summed while the backward pass still computes the "
+                            "earlier ones, and BN statistics in one collective; 0 = Keras's one all-reduce "
+                            "after the whole backward pass.",
     "jit_compile": "XLA for the per-replica step: auto (on for GPU/TPU, off for CPU), on or off.",
     "steps_per_execution": "Training steps run per tf.function call (fewer Python round trips); "
                            "under parameter_server, per function scheduled on a worker.",

@@ -69,6 +69,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_accum_steps: int = 1
     all_reduce_dtype: str = "float32"  # "bfloat16": half the gradient bytes between replicas (tfpar.all_reduce)
+    all_reduce_bucket_mb: float = 25.0  # gradients all-reduced in buckets overlapping backward; 0: Keras's one batch
     jit_compile: str = "auto"
     steps_per_execution: int = 1
     model_dir: str = "runs/default"
@@ -108,6 +109,10 @@ class TrainConfig:
         if self.all_reduce_dtype not in all_reduce.DTYPES:
             raise ValueError(f"all_reduce_dtype must be one of: {', '.join(all_reduce.DTYPES)}; "
                              f"got {self.all_reduce_dtype!r}.")
+        bucket = self.all_reduce_bucket_mb
+        if isinstance(bucket, bool) or not isinstance(bucket, (int, float)) or not 0 <= bucket < float("inf"):
+            raise ValueError(f"all_reduce_bucket_mb must be a number >= 0 (MiB of gradients per all-reduce; "
+                             f"0: one all-reduce after the backward pass), got {bucket!r}.")
         if self.grad_accum_steps > 1 and self.strategy in ("parameter_server", "dtensor"):
             raise ValueError(f"grad_accum_steps={self.grad_accum_steps} works with Keras fit strategies; "
                              f"{self.strategy} trains with its own loop, so use grad_accum_steps=1.")
@@ -312,6 +317,7 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     reduce_dtype = all_reduce.apply(model.optimizer, config.all_reduce_dtype, replicas)
     xla.enable(model, jit)  # per-replica XLA steps (tfpar/xla.py); Keras's own jit fails under strategies
     steps.accumulate(model, accum)  # one all-reduce per `accum` micro-batches; Keras's own fails under strategies
+    bucket_mb = all_reduce.buckets(model, config.all_reduce_bucket_mb)  # overlap the backward pass; BN stats fused
 
     chief = info.is_chief
     model_dir = config.model_dir if chief else os.path.join(config.model_dir, "workers", info.task_name)
@@ -324,6 +330,7 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
         cbs.insert(0, backup_cb)  # first: it sets the initial epoch before the others begin
     name = strategies.describe(strategy)
     summed = f", gradients summed in {reduce_dtype}" if replicas > 1 else ""
+    summed += f" in {bucket_mb:g} MiB buckets" if summed and bucket_mb else ""
     micro = f" x {accum} micro-batches per update" if accum > 1 else ""
     start_line = (f"{name}: global batch {global_batch}{micro}{summed}, precision {policy}, "
                   f"peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch")
@@ -360,6 +367,7 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
         "examples_per_update": global_batch * accum,
         "learning_rate_peak": peak,
         "all_reduce_dtype": reduce_dtype,
+        "all_reduce_bucket_mb": bucket_mb,
         "jit_compile": jit,
         "xla_steps": xla.state(model),
         "epochs_done": len(hist.get("loss", [])),

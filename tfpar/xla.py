@@ -126,8 +126,7 @@ def _disable(model):
         model.__dict__.pop(f"{kind}_step", None)
     model._tfpar_xla = {}
     model.train_function = model.test_function = model.predict_function = None
-    if steps.micro_batches(model) > 1:  # keep gradient accumulation, without XLA
-        steps.accumulate(model, steps.micro_batches(model))
+    steps.install(model)  # keep gradient accumulation and buckets, without XLA
 
 
 def _train_step(model, warned):
