@@ -141,8 +141,10 @@ def from_slurm(env, port_base=SLURM_PORT_BASE):
     """
     if "SLURM_PROCID" not in env:
         return None
-    from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
-        expand_hostlist, expand_tasks_per_node)
+    from tfpar import internals
+
+    expand_hostlist = internals.get("slurm_expand_hostlist")
+    expand_tasks_per_node = internals.get("slurm_expand_tasks_per_node")
 
     def number(name, value):
         try:
