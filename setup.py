@@ -8,11 +8,28 @@ from setuptools import setup
 HERE = Path(__file__).parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "tfpar" / "__init__.py").read_text()).group(1)
 
-# The versions tfpar is tested with. compat.py gates its fixes on these too.
+# The supported range lives in tfpar/versions.py (CI tests both ends, .ci/run).
+# TensorFlow is not a plain requirement: tensorflow, tensorflow-tpu (TPU VMs)
+# and tensorflow[and-cuda] are different distributions of the same package,
+# so the extras below pick one and `pip install tfpar` beside an installed
+# TensorFlow (a TPU VM's tensorflow-tpu, Colab's tensorflow) keeps that one.
+# tfpar refuses to start, naming the versions, when none is in range.
+VERSIONS_PY = (HERE / "tfpar" / "versions.py").read_text()
+
+
+def _requirement(name):
+    """versions.py's ``NAME = ("oldest", "newest")`` as a pip specifier (as versions.requirement does)."""
+    oldest, newest = re.search(rf'^{name} = \("([\d.]+)", "([\d.]+)"\)', VERSIONS_PY, re.M).groups()
+    major, minor = newest.split(".")
+    return f">={oldest},<{major}.{int(minor) + 1}"
+
+
+TENSORFLOW = _requirement("TENSORFLOW")  # >=2.20,<2.22
+KERAS = _requirement("KERAS")  # >=3.10,<3.16
+
 INSTALL_REQUIRES = [
-    "tensorflow==2.21.*",
-    "keras==3.15.*",
-    "tensorboard>=2.21",
+    f"keras{KERAS}",
+    "tensorboard>=2.20",
     "tensorboard-plugin-profile>=2.20",
     "absl-py>=2.1",
     "numpy>=1.26",
@@ -30,12 +47,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["tfpar", "tfpar.models"],
+    packages=["tfpar", "tfpar.sharding", "tfpar.models"],
     package_dir={"tfpar": "tfpar", "tfpar.models": "models"},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        # pyyaml: tests read docs/kubernetes.md; ray: tests/test_ray.py runs in CI too
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pyyaml>=6", RAY],
+        "cpu": [f"tensorflow{TENSORFLOW}"],
+        "and-cuda": [f"tensorflow[and-cuda]{TENSORFLOW}"],
+        "tpu": [f"tensorflow-tpu{TENSORFLOW}"],
+        # pyyaml: tests read docs/kubernetes.md; ray: tests/test_ray.py runs in CI too; nbclient...: the notebook test
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pyyaml>=6", RAY, "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         "ray": [RAY],  # tfpar.ray, tfpar-train --launcher=ray
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "build", "twine"],
     },

@@ -27,7 +27,7 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     def _can_fuse(self, inputs, mask):
         return (
             mask is None
-            and not self.renorm
+            and not getattr(self, "renorm", False)  # Keras 3.10 has no renorm option
             and len(inputs.shape) == 4
             and self.axis in (-1, 3)
             and inputs.dtype in (tf.float32, tf.float16, tf.bfloat16)

@@ -8,10 +8,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh ""
 echo "==> training resnet18 on digits, 2 replicas (runs/demo/)"
-.venv/bin/tfpar-train \
+"$VENV/bin/tfpar-train" \
   --model=resnet18 --data=digits --image_size=32 \
   --strategy=mirrored --virtual_cpus=2 --precision=float32 \
   --batch_size=64 --epochs=5 --optimizer=sgd \
   --learning_rate=0.2 --lr_reference_batch=256 --lr_schedule=cosine \
   --model_dir=runs/demo "$@"
-echo "==> TensorBoard: .venv/bin/tensorboard --logdir runs/demo"
+echo "==> TensorBoard: $VENV/bin/tensorboard --logdir runs/demo"

@@ -107,7 +107,7 @@ CASES = {
     "TF_CONFIG task out of range": ([], {"TF_CONFIG": json.dumps({"cluster": {"worker": ["h:1"]},
                                                                   "task": {"type": "worker", "index": 3}})},
                                     "TF_CONFIG task index 3 is out of range"),
-    "TPU not reachable": (["--strategy=tpu"], {"TPU_NAME": None, "COLAB_TPU_ADDR": None}, "No TPU found"),
+    "TPU not reachable": (["--strategy=tpu"], {"TPU_NAME": None, "TPU_ACCELERATOR_TYPE": None}, "No TPU found"),
     "labels outside [0, num_classes) in CIFAR": (["--data=cifar10:{cifar_bad_labels}"], None,
                                                  "has label 12, outside [0, 10)"),
     "labels outside [0, num_classes) in TFRecords": (["--data=tfrecord:{tfrecord_bad_label}"], None,

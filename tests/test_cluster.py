@@ -105,9 +105,14 @@ def test_malformed_slurm_environment(env, match):
         cluster.detect(environ=env)
 
 
+# Colab's TPU runtime today is a TPU VM (v5e/v6e: /dev/vfio/*; v2-8 was /dev/accel*).
+COLAB_TPU_VM = {"COLAB_RELEASE_TAG": "release-colab_20261101-060000_RC00", "COLAB_GPU": ""}
+
+
 @pytest.mark.parametrize("env,exists,expected", [
-    ({"COLAB_TPU_ADDR": "10.0.0.2:8470"}, None, "grpc://10.0.0.2:8470"),
     ({"TPU_NAME": "my-v3-8"}, None, "my-v3-8"),
+    (COLAB_TPU_VM, "/dev/vfio/0", "local"),
+    (dict(COLAB_TPU_VM, COLAB_TPU_ADDR="10.0.0.2:8470"), "/dev/vfio/0", "local"),  # a stale old-runtime value
     ({"TPU_ACCELERATOR_TYPE": "v4-8"}, None, "local"),
     ({}, "/dev/accel0", "local"),
     ({}, "/dev/vfio/0", "local"),
@@ -124,9 +129,23 @@ def test_tpu_address_prefers_the_argument_and_explains_when_none():
         cluster.tpu_address(environ={}, path_exists=lambda p: False)
 
 
-def test_tpu_resolver_gets_the_detected_address():
-    info = cluster.detect(environ={"COLAB_TPU_ADDR": "10.0.0.2:8470"})
+def test_retired_colab_tpu_address_alone_is_no_tpu():
+    """COLAB_TPU_ADDR (the retired TPU-node runtime, tensorflow/tensorflow#70827) without a TPU device is ignored."""
+    info = cluster.detect(environ=dict(COLAB_TPU_VM, COLAB_TPU_ADDR="10.0.0.2:8470"), path_exists=lambda p: False)
+    assert (info.source, info.tpu) == ("local", None)
+    with pytest.raises(ValueError, match="Colab TPU runtime"):
+        cluster.tpu_address(cluster=info)
+
+
+def test_tpu_resolver_for_a_tpu_vm_is_local():
+    """On a TPU VM (Colab's too) the resolver talks to the attached chips: no grpc master, no cluster."""
+    info = cluster.detect(environ=COLAB_TPU_VM, path_exists=lambda p: p == "/dev/vfio/0")
     resolver = cluster.tpu_resolver(cluster=info)  # constructing it does not connect
+    assert (resolver.master(), resolver.cluster_spec().as_dict()) == ("", {})
+
+
+def test_tpu_resolver_gets_a_named_address():
+    resolver = cluster.tpu_resolver("grpc://10.0.0.2:8470")
     assert resolver.master() == "grpc://10.0.0.2:8470"
 
 
@@ -151,3 +170,12 @@ def test_malformed_tf_config_gives_one_clear_error(raw, match):
     with pytest.raises(cluster.ClusterError, match=match) as err:
         cluster.detect(environ={"TF_CONFIG": raw})
     assert isinstance(err.value, ValueError) and str(err.value).count(".") >= 1 and "\n" not in str(err.value)
+
+
+def test_auto_strategy_picks_tpu_on_a_colab_tpu_runtime_and_one_device_elsewhere():
+    from tfpar import strategies
+
+    on_tpu = cluster.detect(environ=COLAB_TPU_VM, path_exists=lambda p: p == "/dev/vfio/0")
+    assert strategies._auto_name(on_tpu) == "tpu"
+    colab_cpu = cluster.detect(environ=COLAB_TPU_VM, path_exists=lambda p: False)
+    assert strategies._auto_name(colab_cpu) == "one_device"

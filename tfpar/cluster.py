@@ -13,8 +13,11 @@ fixtures. Order (first match wins):
 4. Slurm (``SLURM_PROCID`` + ``SLURM_STEP_NUM_TASKS``/``SLURM_NTASKS``), laid
    out as ``SlurmClusterResolver`` does: hosts sorted, ports ``port_base +
    local task index``; one task per node or one per GPU;
-5. TPU: Colab (``COLAB_TPU_ADDR``), ``TPU_NAME``, or a Cloud TPU VM
-   (``/dev/accel0``, ``/dev/vfio/0`` or ``TPU_ACCELERATOR_TYPE``);
+5. TPU: ``TPU_NAME``, or a TPU attached to this VM (``/dev/accel0``,
+   ``/dev/vfio/0`` or ``TPU_ACCELERATOR_TYPE``): Cloud TPU VMs and Colab's
+   TPU runtime, which is a TPU VM too, reached with ``tpu="local"``. Colab's
+   old remote TPU (``COLAB_TPU_ADDR``, a grpc address) is retired
+   (tensorflow/tensorflow#70827), so that variable is ignored;
 6. otherwise one local process.
 """
 
@@ -197,8 +200,10 @@ def from_slurm(env, port_base=SLURM_PORT_BASE):
     """
     if "SLURM_PROCID" not in env:
         return None
-    from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (
-        expand_hostlist, expand_tasks_per_node)
+    from tfpar import internals
+
+    expand_hostlist = internals.get("slurm_expand_hostlist")
+    expand_tasks_per_node = internals.get("slurm_expand_tasks_per_node")
 
     def number(name, value):
         try:
@@ -242,8 +247,6 @@ def from_slurm(env, port_base=SLURM_PORT_BASE):
 
 def from_tpu_env(env, path_exists=os.path.exists):
     """``ClusterInfo`` with source ``tpu`` when a TPU is reachable, else ``None``."""
-    if env.get("COLAB_TPU_ADDR"):
-        return ClusterInfo(source="tpu", tpu=f"grpc://{env['COLAB_TPU_ADDR']}")
     if env.get("TPU_NAME"):
         return ClusterInfo(source="tpu", tpu=env["TPU_NAME"])
     if env.get("TPU_ACCELERATOR_TYPE") or any(path_exists(p) for p in TPU_VM_DEVICES):
@@ -268,8 +271,8 @@ def tpu_address(tpu=None, cluster=None, environ=None, path_exists=os.path.exists
     info = cluster if cluster is not None else detect(environ=environ, path_exists=path_exists)
     if info.tpu:
         return info.tpu
-    raise ValueError("No TPU found: pass tpu='name or grpc://host:port', or run on Colab, "
-                     "with TPU_NAME set, or on a Cloud TPU VM.")
+    raise ValueError("No TPU found: run on a Cloud TPU VM or a Colab TPU runtime (tpu='local'), "
+                     "set TPU_NAME, or pass tpu='name or grpc://host:port'.")
 
 
 def tpu_resolver(tpu=None, cluster=None):

@@ -85,7 +85,7 @@ def _install_symbolic_build():
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         strategy = self._distribute_strategy
         if iterator is not None and strategy is not None and is_multi_worker(strategy):
-            for _, _, it in iterator:
+            for *_, it in iterator:  # (step, it) in Keras 3.10; (begin, end, it) in 3.15
                 data_batch = tree.map_structure(
                     lambda v: strategy.experimental_local_results(v)[0]
                     if isinstance(v, tf.distribute.DistributedValues) else v,

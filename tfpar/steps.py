@@ -40,9 +40,9 @@ import tensorflow as tf
 
 def unpack(data):
     """``(x, y, sample_weight)`` from a batch, as Keras's own steps unpack it."""
-    from keras.src.trainers.data_adapters import data_adapter_utils
+    from tfpar import internals
 
-    return data_adapter_utils.unpack_x_y_sample_weight(data)
+    return internals.get("unpack_x_y_sample_weight")(data)
 
 
 def call(model, x, training):
