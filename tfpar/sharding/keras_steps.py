@@ -70,6 +70,12 @@ def attach(model, layouts, batch_axis=None):
         return model
     from tfpar.sharding import variables as var_lib
 
+    optimizer = getattr(model, "optimizer", None)
+    outside = [v.path for v in (optimizer.variables if optimizer is not None else [])
+               if not isinstance(getattr(v, "value", v), dtensor.DVariable)]
+    if outside:
+        raise ValueError(f"The optimizer was created outside layout_scope (its variable {outside[0]!r} is not a "
+                         f"DTensor variable); create it inside the scope, next to the model.")
     model._tfpar_layouts = layouts
     dmesh = layouts.mesh
     batch_axis = batch_axis or dmesh.dim_names[0]
@@ -113,7 +119,11 @@ def attach(model, layouts, batch_axis=None):
                     sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0])
                 scaled = self.optimizer.scale_loss(loss)
             self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-            return tape.gradient(scaled, self.trainable_weights)
+            grads = tape.gradient(scaled, self.trainable_weights)
+            # A gradient can come out in another layout than its weight (a replicated
+            # bias after a column-split kernel comes out split); the update needs the weight's.
+            return [g if g is None else dtensor.relayout(g, layouts.layout(layouts.specs[w.path]))
+                    for g, w in zip(grads, self.trainable_weights)]
 
         @tf.function
         def apply(grads):

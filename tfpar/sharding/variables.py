@@ -110,10 +110,13 @@ def layout_scope(dmesh, rules=None, batch_axis=None):
     Build the model and ``compile`` it inside, as with ``strategy.scope()``;
     afterwards ``fit``, ``evaluate`` and ``predict`` split batches over
     ``batch_axis`` (default: the mesh's first axis), see ``keras_steps``.
-    ``rules`` is a list/dict of (regex, spec) or a ``keras.distribution.LayoutMap``.
+    ``rules`` is a list/dict of (regex, spec) or a ``keras.distribution.LayoutMap``;
+    ``dmesh`` a ``dtensor.Mesh`` or a ``keras.distribution.DeviceMesh``.
     """
     from tfpar.sharding import keras_steps
 
+    if type(dmesh).__name__ == "DeviceMesh":  # keras.distribution.DeviceMesh: the same shape over this job's devices
+        dmesh = mesh_lib.mesh(dict(zip(dmesh.axis_names, (int(d) for d in dmesh.shape))))
     if batch_axis is not None and batch_axis not in dmesh.dim_names:
         raise ValueError(f"batch_axis {batch_axis!r} is not a mesh axis; the mesh has {', '.join(dmesh.dim_names)}.")
     layouts = Layouts(dmesh, rules)
