@@ -3,8 +3,8 @@
 The training checks run once in a subprocess with 4 virtual CPUs
 (tests/sharding_worker.py) and each test below asserts one part of its
 result. Tolerances: float32 losses and weights of a sharded run match an
-unsharded Keras run to 1e-4 (relative) / 1e-4 (absolute) after 3 SGD-momentum
-steps; observed differences are about 2e-6.
+unsharded Keras run to 1e-4 (relative) / 1e-4 (absolute) after 3 steps of
+plain ``fit`` (SGD momentum, Adam); observed: 1e-7 for SGD.
 """
 
 import json
@@ -139,7 +139,7 @@ def worker_result(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sharding_worker.py"), str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True)
     try:
-        log, _ = proc.communicate(timeout=900)
+        log, _ = proc.communicate(timeout=1800)  # 11.5 minutes on a 2-core machine at load 18
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -249,25 +249,14 @@ def test_mixed_bfloat16_trains_with_float32_weights(worker_result):
 
 
 @pytest.mark.slow
-def test_mixed_float16_scales_the_loss_as_keras_does(worker_result):
-    fp16 = worker_result["precision"]["mixed_float16 batch=1,model=4"]
+@pytest.mark.parametrize("spec", ["batch=1,model=4", "batch=2,model=2"])
+def test_mixed_float16_scales_the_loss_as_keras_does(worker_result, spec):
+    fp16 = worker_result["precision"][f"mixed_float16 {spec}"]
     assert fp16["optimizer"] == "LossScaleOptimizer" and fp16["weight_dtypes"] == ["float32"]
+    assert fp16["iterations"] == 3  # no step skipped: the updates really ran in float16 compute
+    assert fp16["scale"] == fp16["reference_scale"]
     np.testing.assert_allclose(fp16["losses"], fp16["reference"], rtol=1e-2)
     assert fp16["max_weight_diff"] < 1e-2
-    assert fp16["scale"] == fp16["reference_scale"] == 32768.0 and fp16["iterations"] == 3
-
-
-@pytest.mark.slow
-def test_mixed_float16_skips_an_overflowing_step_and_halves_the_scale(worker_result):
-    # With the batch split, DTensor sums the float16 filter gradients of the
-    # batch shards in float16; at the initial scale 2**15 one overflowed here
-    # (plain Keras: max 43008 of 65504). The loss scale did its job: that step
-    # was skipped and the scale halved, as Keras does on any overflow.
-    fp16 = worker_result["precision"]["mixed_float16 batch=2,model=2"]
-    assert fp16["optimizer"] == "LossScaleOptimizer"
-    skipped = 3 - fp16["iterations"]
-    assert 0 <= skipped < 3 and fp16["scale"] == 32768.0 / 2**skipped
-    assert all(np.isfinite(fp16["losses"]))
 
 
 @pytest.mark.slow

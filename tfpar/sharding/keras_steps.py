@@ -84,13 +84,15 @@ def attach(model, layouts, batch_axis=None):
     def host_logs(logs):
         return {k: float(np.asarray(to_host(v))) for k, v in logs.items()}
 
+    def unbuilt():
+        parts = [model, getattr(model, "_compile_metrics", None), getattr(model, "_compile_loss", None),
+                 getattr(model, "optimizer", None)]
+        return any(part is not None and not part.built for part in parts)
+
     def first_call(data):
         """Build what Keras builds lazily, inside the layout scope, before anything is traced."""
         with layouts.creating():
-            if not model.built or (model.compiled and model._compile_metrics is not None
-                                   and not model._compile_metrics.built) \
-                    or (model.optimizer is not None and not model.optimizer.built):
-                model._symbolic_build(data_batch=data)
+            model._symbolic_build(data_batch=data)
             if model.optimizer is not None and not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
         var_lib.adapt_layers(model, layouts)
@@ -140,7 +142,7 @@ def attach(model, layouts, batch_axis=None):
                     if ran:
                         break
                     raise
-                if self.optimizer is None or not self.optimizer.built or not self.built:
+                if unbuilt():
                     first_call(data)
                 var_lib.adapt_layers(self, layouts)
                 data = pack(data)
@@ -173,7 +175,7 @@ def attach(model, layouts, batch_axis=None):
                     if ran:
                         break
                     raise
-                if not self.built or (self._compile_metrics is not None and not self._compile_metrics.built):
+                if unbuilt():
                     first_call(data)
                 var_lib.adapt_layers(self, layouts)
                 step(pack(data))
