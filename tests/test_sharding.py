@@ -337,3 +337,20 @@ def test_two_dtensor_clients_train_one_2x2_mesh_like_plain_keras(tmp_path):
         assert result["max_weight_diff"] < 1e-4
     assert results[0]["weights_sum"] == results[1]["weights_sum"]
     assert results[0]["evaluate"] == results[1]["evaluate"]
+
+
+@pytest.mark.slow
+def test_tfpar_launch_two_workers_train_one_dtensor_mesh(tmp_path):
+    # TF_CONFIG from tfpar-launch becomes DTENSOR_* (chief first); each worker has 2 of the mesh's 4 devices.
+    code, out, err = run_reaped(
+        [sys.executable, "-m", "tfpar.launcher", "--workers", "2", "--timeout", "600", "--",
+         sys.executable, "-m", "tfpar.cli", "--strategy=dtensor", "--mesh=batch=2,model=2", "--virtual_cpus=2",
+         "--model=vgg11", "--width_multiplier=0.125", "--epochs=1", "--steps_per_epoch=3", "--validation_steps=1",
+         "--batch_size=16", f"--model_dir={tmp_path}", "--verbose=0"], 700, env=quiet_env(), merge_output=True)
+    assert code == 0, out[-3000:]
+    summaries = [json.loads((tmp_path / f"summary.worker-{i}.json").read_text()) for i in range(2)]
+    assert [s["task"] for s in summaries] == ["worker-0", "worker-1"]
+    for s in summaries:
+        assert s["mesh"] == {"batch": 2, "model": 2} and s["optimizer_updates"] == 3
+        assert 0 < s["param_bytes_per_device"] < s["param_bytes"]
+    assert summaries[0]["weights_sha256"] == summaries[1]["weights_sha256"]  # one model, whole on both clients
