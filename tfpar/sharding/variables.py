@@ -143,8 +143,8 @@ def layout_scope(dmesh, rules=None, batch_axis=None):
 @contextlib.contextmanager
 def _compiled_models_get_steps(layouts, batch_axis, attach):
     # A model compiled inside the scope gets DTensor train/test/predict functions.
-    # Keras has no hook for "compiled under this scope", so compile is wrapped
-    # while the scope is open (like tf.distribute, a scope is per thread of use).
+    # Keras has no hook for "compiled under this scope", so keras.Model.compile is
+    # wrapped while the scope is open (process-wide: open one scope at a time).
     import keras
 
     own = "compile" in vars(keras.Model)
