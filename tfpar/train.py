@@ -3,8 +3,9 @@
 cluster -> data check -> strategy -> precision -> model -> data -> compile ->
 fit -> evaluate -> summary.json. Each step calls the module that owns it.
 
-Strategies whose training is not Keras ``fit`` (DTensor sharding, parameter
-servers) plug in through ``TRAINING_LOOPS``: one line each.
+Strategies that need their own setup around training (DTensor sharding: Keras
+``fit`` on a mesh via ``tfpar.sharding.layout_scope``; parameter servers: not
+Keras ``fit``) plug in through ``TRAINING_LOOPS``: one line each.
 """
 
 import dataclasses
@@ -32,7 +33,7 @@ TRAINING_LOOPS = {
     "dtensor": "tfpar.sharding:train",
     "parameter_server": "tfpar.parameter_server:run_config",
 }
-OWN_LOOP_STRATEGIES = ("dtensor", "parameter_server")  # Keras fit cannot train these (DESIGN items 4, 5)
+OWN_LOOP_STRATEGIES = ("dtensor", "parameter_server")  # not a tf.distribute strategy's fit (DESIGN items 4, 5)
 
 
 @dataclasses.dataclass

@@ -1,15 +1,19 @@
 """DTensor tensor sharding for Keras 3 models on TensorFlow.
 
-    from tfpar import sharding
+    import keras
+    from tfpar import models, sharding
     mesh = sharding.mesh("batch=2,model=2", virtual_cpus=4)
-    trainer = sharding.ShardedTrainer(lambda: models.build("vgg16", ...), mesh,
-                                      sharding.default_rules("vgg16"))
-    trainer.fit(dataset, epochs=2, steps_per_epoch=50)
+    with sharding.layout_scope(mesh, sharding.default_rules("vgg16")):   # or a keras LayoutMap
+        model = models.build("vgg16", num_classes=10, input_shape=(32, 32, 3))
+        model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(dataset, epochs=2, steps_per_epoch=50)
 
 ``mesh`` makes the device mesh, ``rules`` maps Keras variable paths to
-layouts, ``layout_scope`` creates variables as DTensor variables,
-``ShardedTrainer`` trains, ``report`` tables what is split where, and
-``train`` is the ``tfpar-train --strategy=dtensor`` path.
+layouts, ``layout_scope`` creates variables as DTensor variables and gives
+models compiled inside DTensor train/test/predict steps (``keras_steps``),
+``report`` tables what is split where, ``ShardedTrainer`` is the older
+factory form with sharded checkpoints, and ``train`` is the
+``tfpar-train --strategy=dtensor`` path.
 """
 
 from tfpar.sharding.meshes import mesh, parse as parse_mesh

@@ -1,7 +1,10 @@
 """``tfpar-train --strategy=dtensor``: a ``TrainConfig`` trained on a DTensor mesh.
 
 Same data, model, optimizer, loss, callbacks and summary fields as
-``tfpar.train.fit_loop``, plus the mesh and the parameter bytes each device holds.
+``tfpar.train.fit_loop``, plus the mesh and the parameter bytes each device
+holds: the model is built and compiled in ``layout_scope`` and trained by
+Keras ``fit``. Default layout rules adapt to the mesh (and say how); rules
+from ``--layout_rules`` are strict.
 """
 
 import os
@@ -66,7 +69,6 @@ def train(config, info, print_fn=print):
 
     from tfpar import callbacks, precision, summary
     from tfpar.sharding import report, variables
-    from tfpar.sharding.trainer import ShardedTrainer
     from tfpar.train import build_model, make_loss, make_optimizer
 
     dmesh = meshes.mesh(mesh_shape, virtual_cpus=config.virtual_cpus)
@@ -75,16 +77,15 @@ def train(config, info, print_fn=print):
     # Every client reads the same global batches and packs its own devices' slices.
     pipes = data.make(config, global_batch, source)
     report.plan(lambda: build_model(config), rules, mesh_shape)  # rule errors as one clear sentence
-    peak = []
-
-    def optimizer():
-        made, rate = make_optimizer(config, global_batch, pipes.steps_per_epoch)
-        peak.append(rate)
-        return made
-
-    trainer = ShardedTrainer(lambda: build_model(config), dmesh, rules, optimizer=optimizer,
-                             loss=make_loss(config), batch_axis=batch_axis)
-    rows = report.from_layouts(trainer.model, trainer.layouts)
+    with variables.layout_scope(dmesh, rules, batch_axis=batch_axis) as layouts:
+        model = build_model(config)
+        optimizer, peak = make_optimizer(config, global_batch, pipes.steps_per_epoch)
+        model.compile(optimizer=optimizer, loss=make_loss(config),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                      steps_per_execution=config.steps_per_execution)
+        model.optimizer.build(model.trainable_variables)  # slots now, so the plan below counts them laid out
+    variables.adapt_layers(model, layouts)
+    rows = report.from_layouts(model, layouts)
     totals = report.totals(rows)
 
     chief = info.is_chief
@@ -94,14 +95,17 @@ def train(config, info, print_fn=print):
                                         print_fn=print_fn, task_name=info.task_name)
     name = f"DTensor {','.join(f'{k}={v}' for k, v in mesh_shape.items())}"
     if speak:
+        for line in report.adaptations(rows):
+            print_fn(line)
         print_fn(f"{name}: global batch {global_batch}, "
                  f"precision {policy}, {sum(1 for r in rows if any(r['spec']))} of {len(rows)} weights sharded, "
                  f"parameters {totals['param_bytes_per_device'] / 2**20:.2f} of {totals['param_bytes'] / 2**20:.2f} "
                  f"MiB per device, {pipes.steps_per_epoch} steps/epoch")
-    history = trainer.fit(pipes.train, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
-                          validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
-                          callbacks=cbs, verbose=(config.verbose or 0) if speak else 0)
-    final = trainer.evaluate(pipes.val, steps=pipes.validation_steps) if pipes.val is not None else {}
+    history = model.fit(pipes.train, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
+                        validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
+                        callbacks=cbs, verbose=(config.verbose or 0) if speak else 0, shuffle=False)
+    final = (model.evaluate(pipes.val, steps=pipes.validation_steps, return_dict=True, verbose=0)
+             if pipes.val is not None else {})
     hist = history.history
     last = lambda key: float(hist[key][-1]) if hist.get(key) else None  # noqa: E731
     return {
@@ -110,18 +114,18 @@ def train(config, info, print_fn=print):
         "replicas": replicas,
         "precision": policy,
         "global_batch_size": global_batch,
-        "learning_rate_peak": peak[0] if peak else None,
+        "learning_rate_peak": peak,
         "jit_compile": False,
         "epochs_done": len(hist.get("loss", [])),
         "steps_done": sum(epoch["steps"] for epoch in throughput.epochs),
-        "optimizer_updates": int(variables.host_value(trainer.optimizer.iterations)),
+        "optimizer_updates": int(variables.host_value(model.optimizer.iterations)),
         "train_loss": last("loss"),
         "train_accuracy": last("accuracy"),
         "val_loss": float(final["loss"]) if final else None,
         "val_accuracy": float(final["accuracy"]) if final else None,
         "examples_per_sec": throughput.median_examples_per_sec(),
         "throughput_per_epoch": throughput.epochs,
-        "weights_sha256": summary.arrays_checksum(trainer.get_weights()),
+        "weights_sha256": summary.arrays_checksum(model.get_weights()),
         "mesh": mesh_shape,
         "layout_rules": [[r.pattern, list(s)] for r, s in rules_lib.normalize(rules)],
         **totals,

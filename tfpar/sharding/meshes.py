@@ -73,14 +73,20 @@ def mesh(spec, device_type=None, virtual_cpus=None):
 
     if virtual_cpus is not None:
         strategies.configure_virtual_cpus(virtual_cpus)
-    device_type = (device_type or _device_type()).upper()
     clients = dtensor.num_clients()
     if clients > 1:
-        dtensor.initialize_accelerator_system(device_type)
+        # Before anything initialises TensorFlow: listing logical devices would.
+        device_type = (device_type or dtensor.preferred_device_type()).upper()
+        try:
+            dtensor.initialize_accelerator_system(device_type)
+        except ValueError as err:
+            if "already been initialized" not in str(err) or "Accelerator system" not in str(err):
+                raise
         have = dtensor.num_global_devices(device_type)
     else:
         import tensorflow as tf
 
+        device_type = (device_type or _device_type()).upper()
         have = len(tf.config.list_logical_devices(device_type))
     need = device_count(shape)
     if need != have:

@@ -19,24 +19,37 @@ def plan(model_builder, rules, mesh_shape):
     rows = []
     for w in model.weights:
         shape = tuple(int(d) for d in w.shape)
-        spec = rules_lib.resolve(rules, w.path, shape, mesh_shape)
-        rows.append(_row(w.path, shape, spec, w.dtype, mesh_shape))
+        spec, note = rules_lib.resolve_noted(rules, w.path, shape, mesh_shape)
+        rows.append(_row(w.path, shape, spec, w.dtype, mesh_shape, note))
     return rows
 
 
 def from_layouts(model, layouts):
     """The same rows for a model built in ``layout_scope`` (its real layouts)."""
-    return [_row(w.path, tuple(int(d) for d in w.shape), layouts.specs[w.path], w.dtype, layouts.mesh_shape)
-            for w in model.weights]
+    return [_row(w.path, tuple(int(d) for d in w.shape), layouts.specs[w.path], w.dtype, layouts.mesh_shape,
+                 layouts.notes.get(w.path)) for w in model.weights]
 
 
-def _row(path, shape, spec, dtype, mesh_shape):
+def _row(path, shape, spec, dtype, mesh_shape, note=None):
     itemsize = np.dtype(str(dtype)).itemsize
     local = rules_lib.shard_shape(shape, spec, mesh_shape)
     return {
         "path": path, "shape": shape, "spec": spec, "device_shape": local,
-        "bytes": int(np.prod(shape)) * itemsize, "device_bytes": int(np.prod(local)) * itemsize,
+        "bytes": int(np.prod(shape)) * itemsize, "device_bytes": int(np.prod(local)) * itemsize, "note": note,
     }
+
+
+def adaptations(rows):
+    """Lines saying how default rules were adapted to the mesh (weights left whole and why)."""
+    by_note = {}
+    for r in rows:
+        if r.get("note"):
+            by_note.setdefault(r["note"], []).append(r["path"])
+    lines = []
+    for note, paths in by_note.items():
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        lines.append(f"Default layout rules on this mesh: {shown} {note}.")
+    return lines
 
 
 def totals(rows):

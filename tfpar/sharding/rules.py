@@ -44,12 +44,27 @@ DEFAULT_RULES = {
 }
 
 
+class DefaultRules(list):
+    """Rules tfpar chose, not the user: on a mesh they do not fit they degrade instead of failing.
+
+    A spec entry naming an axis the mesh lacks is dropped (that dimension is
+    whole), and a weight one of them cannot split evenly is replicated; each
+    such decision is noted in the plan. A user's own rules stay strict.
+    """
+
+    lenient = True
+
+
 def default_rules(model_name):
     """The default rules for a tfpar model name (``vgg16``, ``alexnet_bn``, ``resnet50``...)."""
     for family, rules in DEFAULT_RULES.items():
         if model_name.startswith(family):
-            return list(rules)
-    return []
+            return DefaultRules(rules)
+    return DefaultRules()
+
+
+def is_lenient(rules):
+    return bool(getattr(rules, "lenient", False))
 
 
 def _spec(value, where):
@@ -70,12 +85,25 @@ def _spec(value, where):
     return tuple(spec)
 
 
+def _is_layout_map(rules):
+    # keras.distribution.LayoutMap, without importing Keras (this module is pure Python).
+    return type(rules).__name__ == "LayoutMap" and hasattr(rules, "items")
+
+
 def normalize(rules):
-    """Rules as a list of ``(compiled regex, spec tuple)``; accepts a dict or (regex, spec) pairs."""
+    """Rules as a list of ``(compiled regex, spec tuple)``.
+
+    Accepts a dict or (regex, spec) pairs, or a ``keras.distribution.LayoutMap``
+    (its keys are regexes on variable paths, its values ``TensorLayout``s or
+    tuples of axis names, as for Keras's JAX ``ModelParallel``).
+    """
     if rules is None:
         return []
-    items = rules.items() if isinstance(rules, dict) else rules
-    out = []
+    if _is_layout_map(rules):
+        items = [(key, getattr(value, "axes", value)) for key, value in rules.items()]
+    else:
+        items = rules.items() if isinstance(rules, dict) else rules
+    out = DefaultRules() if is_lenient(rules) else []
     for item in items:
         if not isinstance(item, (list, tuple)) or len(item) != 2:
             raise ValueError(f"A layout rule is a (regex, spec) pair, got {item!r}.")
@@ -109,9 +137,16 @@ def resolve(rules, path, shape, mesh_shape):
     """The spec for the variable at ``path`` with ``shape`` on a mesh of ``mesh_shape``.
 
     Raises ``ValueError`` when the matching rule has the wrong rank, names an
-    unknown axis, uses an axis twice or splits a dimension unevenly.
+    unknown axis, uses an axis twice or splits a dimension unevenly (for
+    ``DefaultRules``, only the first two; see ``resolve_noted``).
     """
+    return resolve_noted(rules, path, shape, mesh_shape)[0]
+
+
+def resolve_noted(rules, path, shape, mesh_shape):
+    """``(spec, note)``: ``note`` says how lenient rules were adapted to this mesh, else ``None``."""
     shape = tuple(int(d) for d in shape)
+    lenient = is_lenient(rules)
     for regex, spec in normalize(rules):
         if not regex.search(path):
             continue
@@ -121,17 +156,29 @@ def resolve(rules, path, shape, mesh_shape):
         named = [axis for axis in spec if axis is not None]
         if len(set(named)) != len(named):
             raise ValueError(f"{where}: a mesh axis may split only one dimension, got {list(spec)}.")
+        notes = []
+        if lenient:
+            missing = [axis for axis in named if axis not in mesh_shape]
+            if missing:
+                spec = tuple(None if axis in missing else axis for axis in spec)
+                notes.append(f"the mesh has no axis {', '.join(map(repr, missing))}")
         for dim, axis in zip(shape, spec):
             if axis is None:
                 continue
             if axis not in mesh_shape:
                 raise ValueError(f"{where}: unknown mesh axis {axis!r}; the mesh has {', '.join(mesh_shape)}.")
             if dim % mesh_shape[axis]:
+                if lenient:
+                    notes.append(f"dimension {dim} does not divide evenly over {axis!r} of size {mesh_shape[axis]}")
+                    return (None,) * len(shape), f"replicated: {'; '.join(notes)}"
                 raise ValueError(
                     f"{where}: dimension {dim} does not divide evenly over mesh axis {axis!r} of size {mesh_shape[axis]}."
                 )
-        return spec
-    return (None,) * len(shape)
+        if notes:
+            state = "replicated" if not any(spec) else f"split {list(spec)}"
+            return spec, f"{state}: {'; '.join(notes)}"
+        return spec, None
+    return (None,) * len(shape), None
 
 
 def shard_shape(shape, spec, mesh_shape):

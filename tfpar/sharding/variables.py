@@ -27,7 +27,13 @@ class Layouts:
         self.mesh_shape = mesh_lib.shape_of(dmesh)
         self.rules = rules_lib.normalize(rules)
         self.specs = {}  # path -> spec tuple, in creation order
+        self.notes = {}  # path -> how default rules were adapted to this mesh
         self._by_flat_path = {}  # "fc1_kernel" -> spec, to find a slot's variable
+        self.creator = None  # set by layout_scope
+
+    def creating(self):
+        """Re-enter the scope's variable creator (for variables Keras creates lazily, in ``fit``)."""
+        return tf.variable_creator_scope(self.creator)
 
     def layout(self, spec):
         return dtensor.Layout([a or dtensor.UNSHARDED for a in spec], self.mesh)
@@ -35,7 +41,9 @@ class Layouts:
     def spec_for(self, path, shape):
         spec = self._slot_spec(path, shape)
         if spec is None:
-            spec = rules_lib.resolve(self.rules, path, shape, self.mesh_shape)
+            spec, note = rules_lib.resolve_noted(self.rules, path, shape, self.mesh_shape)
+            if note:
+                self.notes[path] = note
             self._by_flat_path[path.replace("/", "_")] = spec
         self.specs[path] = spec
         return spec
@@ -96,12 +104,21 @@ class ShardedVariable(dtensor.DVariable):
 
 
 @contextlib.contextmanager
-def layout_scope(dmesh, rules):
+def layout_scope(dmesh, rules=None, batch_axis=None):
     """Create every variable inside as a ``DVariable`` laid out by ``rules``; yields ``Layouts``.
 
-    Build the model, its optimizer (and ``compile``) inside, as with
-    ``strategy.scope()``.
+    Build the model and ``compile`` it inside, as with ``strategy.scope()``;
+    afterwards ``fit``, ``evaluate`` and ``predict`` split batches over
+    ``batch_axis`` (default: the mesh's first axis), see ``keras_steps``.
+    ``rules`` is a list/dict of (regex, spec) or a ``keras.distribution.LayoutMap``;
+    ``dmesh`` a ``dtensor.Mesh`` or a ``keras.distribution.DeviceMesh``.
     """
+    from tfpar.sharding import keras_steps
+
+    if type(dmesh).__name__ == "DeviceMesh":  # keras.distribution.DeviceMesh: the same shape over this job's devices
+        dmesh = mesh_lib.mesh(dict(zip(dmesh.axis_names, (int(d) for d in dmesh.shape))))
+    if batch_axis is not None and batch_axis not in dmesh.dim_names:
+        raise ValueError(f"batch_axis {batch_axis!r} is not a mesh axis; the mesh has {', '.join(dmesh.dim_names)}.")
     layouts = Layouts(dmesh, rules)
 
     def creator(next_creator, **kwargs):
@@ -118,8 +135,33 @@ def layout_scope(dmesh, rules):
             variable.tfpar_layout = layout
             return variable
 
-    with tf.variable_creator_scope(creator):
+    layouts.creator = creator
+    with tf.variable_creator_scope(creator), _compiled_models_get_steps(layouts, batch_axis, keras_steps.attach):
         yield layouts
+
+
+@contextlib.contextmanager
+def _compiled_models_get_steps(layouts, batch_axis, attach):
+    # A model compiled inside the scope gets DTensor train/test/predict functions.
+    # Keras has no hook for "compiled under this scope", so keras.Model.compile is
+    # wrapped while the scope is open (process-wide: open one scope at a time).
+    import keras
+
+    own = "compile" in vars(keras.Model)
+    original = keras.Model.compile
+
+    def compile(model, *args, **kwargs):
+        original(model, *args, **kwargs)
+        attach(model, layouts, batch_axis)
+
+    keras.Model.compile = compile
+    try:
+        yield
+    finally:
+        if own:
+            keras.Model.compile = original
+        else:
+            del keras.Model.compile
 
 
 def adapt_layers(model, layouts):
