@@ -97,6 +97,32 @@ HOOKS = (
          "variable", used_by="parameter_server.py"),
     # --- Keras callbacks ------------------------------------------------------------------
     Hook("callback_list_history", "@callbacks:_history", "calls", used_by="sharding/trainer.py"),
+    # --- Keras saving across workers (tfpar/worker_saving.py) -------------------------------
+    Hook("saving_api_save_model", "keras.src.saving.saving_api:save_model", "source",
+         used_by="compat.py model_save_chief_only (does Keras ask for the chief?)"),
+    Hook("saving_api_save_weights", "keras.src.saving.saving_api:save_weights", "source",
+         used_by="compat.py model_save_chief_only"),
+    Hook("model_checkpoint_save_model", "keras.callbacks:ModelCheckpoint._save_model", "wraps",
+         "self, epoch, batch, logs", used_by="worker_saving.py install_model_checkpoint"),
+    Hook("backup_save_model", "keras.callbacks:BackupAndRestore._save_model", "wraps", "self",
+         used_by="worker_saving.py"),
+    Hook("backup_load_model", "keras.callbacks:BackupAndRestore._load_model", "wraps", "self",
+         used_by="worker_saving.py install_backup_resume"),
+    Hook("backup_weights_path", "keras.callbacks:BackupAndRestore.__init__", "source",
+         used_by="worker_saving.py (_weights_path, _training_metadata_path, _prev_*_path, _current_epoch)"),
+    # --- Keras fit under ParameterServerStrategy (tfpar/ps_fit.py) -------------------------
+    Hook("trainer_fit", f"{_TRAINER}:TensorFlowTrainer.fit", "source", used_by="compat.py parameter_server_fit"),
+    Hook("trainer_evaluate", f"{_TRAINER}:TensorFlowTrainer.evaluate", "calls",
+         used_by="compat.py parameter_server_fit (wrapped)"),
+    Hook("pythonify_logs", "keras.src.utils.python_utils:pythonify_logs", "calls", "logs", used_by="ps_fit.py"),
+    Hook("maybe_symbolic_build_call", "@model:_maybe_symbolic_build", "calls", "data_batch",
+         used_by="ps_fit.py"),
+    Hook("assert_compile_called", "@model:_assert_compile_called", "calls", used_by="ps_fit.py"),
+    Hook("flatten_metrics_in_order", "@model:_flatten_metrics_in_order", "calls", "logs", used_by="ps_fit.py"),
+    Hook("compile_metrics", "@model:_compile_metrics", "calls", used_by="ps_fit.py, sharding/keras_steps.py"),
+    # --- DTensor through Keras fit (tfpar/sharding/keras_steps.py) ------------------------
+    Hook("symbolic_build", "@model:_symbolic_build", "calls", "data_batch", used_by="sharding/keras_steps.py"),
+    Hook("compile_loss", "@model:_compile_loss", "calls", used_by="sharding/keras_steps.py"),
     # --- TensorFlow -----------------------------------------------------------------------
     Hook("in_multi_worker_mode",
          "tensorflow.python.distribute.collective_all_reduce_strategy:CollectiveAllReduceExtended._in_multi_worker_mode",
