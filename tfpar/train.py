@@ -77,6 +77,12 @@ class TrainConfig:
     log_all_workers: bool = False
     mesh: str | None = None  # dtensor only, e.g. "batch=2,model=2"
     layout_rules: str | None = None  # dtensor only: a file of layout rules
+    # pipeline only (tfpar.pipeline): stages x micro-batches per step, schedule, cuts, copies
+    stages: int = 2
+    micro_batches: int = 4
+    schedule: str = "1f1b"
+    balance: str = "time"
+    pipeline_replicas: int = 1
     seed: int = 0
     verbose: int = 2
     # fault tolerance (tfpar.backup, tfpar.preemption)
@@ -89,7 +95,7 @@ class TrainConfig:
         """Raise ``ValueError`` with one clear sentence for the first bad field."""
         from tfpar import all_reduce, data, models, precision, schedules, strategies
 
-        names = strategies.NAMES + ("dtensor",)
+        names = strategies.NAMES + ("dtensor", "pipeline")
         if self.model not in models.names():
             raise ValueError(f"Unknown model {self.model!r}; choose one of: {', '.join(models.names())}.")
         if self.strategy not in names:
@@ -146,6 +152,10 @@ class TrainConfig:
         self._validate_fault_tolerance()
         if self.strategy == "dtensor":
             self._validate_dtensor()
+        if self.strategy == "pipeline":
+            from tfpar.pipeline import driver
+
+            driver.check(self)
         return self
 
     def _validate_fault_tolerance(self):
@@ -281,8 +291,13 @@ def fit_loop(config, info, print_fn=print):
     # Fault tolerance: refuse a foreign or damaged backup before anything is written,
     # and never wait forever for peers that do not come up.
     backup_cb = backup.for_run(config, info, print_fn=print_fn)
+    pipelined = config.strategy == "pipeline"
+    if pipelined:
+        from tfpar.pipeline import driver as pipeline_driver
+
+        strategy = pipeline_driver.strategy(config)  # the pipeline places its own ops
     with preemption.peers_within(config.cluster_timeout, info):
-        strategy = strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
+        strategy = strategy if pipelined else strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
     replicas = strategy.num_replicas_in_sync
     global_batch = config.global_batch_size(replicas)  # one micro-batch over all replicas
     accum = config.grad_accum_steps
@@ -291,9 +306,11 @@ def fit_loop(config, info, print_fn=print):
 
     pipes = data.make(config, global_batch, source, num_workers=info.num_workers, worker_index=info.task_index,
                       micro_batches=accum)
-    jit = resolve_jit_compile(config.jit_compile, strategy)
+    jit = False if pipelined else resolve_jit_compile(config.jit_compile, strategy)
     with strategy.scope():
         model = build_model(config)
+        if pipelined:
+            model = pipeline_driver.split(config, model, global_batch, print_fn=print_fn)
         optimizer, peak = make_optimizer(config, global_batch, pipes.steps_per_epoch)
         model.compile(optimizer=optimizer, loss=make_loss(config),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
@@ -356,6 +373,7 @@ def fit_loop(config, info, print_fn=print):
         "examples_per_sec": throughput.median_examples_per_sec(),
         "throughput": throughput.epochs,  # per epoch: examples_per_sec, step_time_ms, steps
         "weights_sha256": summary.weights_checksum(model),
+        **({"pipeline": pipeline_driver.summary(config, model, model_dir)} if pipelined else {}),
     }
 
 

@@ -28,6 +28,7 @@ def _graph(model):
     if isinstance(model, keras.Sequential):
         if not model.built or not getattr(model, "inputs", None):
             raise ValueError(f"Sequential model {model.name!r} must be built with an Input before it can be split.")
+        model = keras.Model(model.inputs, model.outputs, name=model.name)  # the same layers, as a graph
     elif not isinstance(model, keras.Model) or not hasattr(model, "operations") or not _is_functional(model):
         raise ValueError(f"Model {getattr(model, 'name', model)!r} is subclassed and has no layer graph to cut; "
                          f"tfpar.pipeline.split accepts functional and Sequential Keras models.")

@@ -59,12 +59,13 @@ def run(model, plan, parts, trace=None):
             for r in range(D):
                 device, stage = plan.devices[r * S + s], plan.stages[s]
                 deps = last_ops.get((r, s), [])
+                prefix = f"copy{r}_" if D > 1 else ""  # op names say stage, task and micro-batch (timelines)
                 if trace is not None:
                     trace.record(r, s, (kind, s, m))
                 x, y, sw = parts[m * D + r]
                 if kind == "F":
                     inputs = x if s == 0 else activations.pop((r, s - 1, m))
-                    with tf.device(device), tf.name_scope(f"stage{s}_forward"), tf.control_dependencies(deps):
+                    with tf.device(device), tf.name_scope(f"{prefix}stage{s}_F{m}"), tf.control_dependencies(deps):
                         tape = tf.GradientTape()
                         with tape:
                             if s > 0:
@@ -89,7 +90,7 @@ def run(model, plan, parts, trace=None):
                     tape, inputs, out, objective = tapes.pop((r, s, m))
                     weights = plan.weights[s]
                     sources = ([inputs] if s > 0 else []) + weights
-                    with tf.device(device), tf.name_scope(f"stage{s}_backward"), tf.control_dependencies(deps):
+                    with tf.device(device), tf.name_scope(f"{prefix}stage{s}_B{m}"), tf.control_dependencies(deps):
                         if s == S - 1:
                             grads = tape.gradient(objective, sources)
                         else:
