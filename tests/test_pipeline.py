@@ -215,3 +215,49 @@ def test_each_stage_backward_runs_on_its_own_device(tmp_path):
     by_stage = {s: {d for _, st, d in backward if st == s} for s in (0, 1)}
     assert by_stage == {0: {0}, 1: {1}}, [b for b in backward if b[1] != b[2]][:5]
     assert sum(1 for _, _, kind, _ in [(p[0], p[1], p[3], p[4]) for p in placed] if "Backprop" in kind) >= 4
+
+
+# ----- tfpar-train --strategy=pipeline ------------------------------------------
+PIPE = ["--strategy=pipeline", "--model=resnet18", "--width_multiplier=0.125", "--image_size=16",
+        "--steps_per_epoch=4", "--validation_steps=2", "--verbose=0", "--batch_size=16", "--micro_batches=2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_size=10", "--micro_batches=4"], "batch_size 10 does not split into 4 micro-batches x 1 pipeline"),
+    (["--schedule=zb"], "Unknown pipeline schedule 'zb'; choose one of: gpipe, 1f1b."),
+    (["--balance=,"], "balance must be one of time, flops, params, layers or a list of cut-layer names"),
+    (["--grad_accum_steps=2"], "grad_accum_steps does not apply to --strategy=pipeline"),
+    (["--stages=0"], "stages must be a positive integer"),
+])
+def test_pipeline_flag_mistakes_exit_2(capsys, args, message):
+    from tfpar import cli
+
+    code = cli.main(["tfpar-train", "--strategy=pipeline"] + args)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert message in err and err.count("tfpar-train: error:") == 1
+
+
+@pytest.mark.slow
+def test_tfpar_train_pipeline_on_digits_end_to_end_with_trace_and_resume(tmp_path):
+    from helpers import tfpar_train_command
+
+    run = lambda *extra: run_reaped(tfpar_train_command() + PIPE + list(extra), 600, env=quiet_env())  # noqa: E731
+    code, out, err = run("--stages=40", f"--model_dir={tmp_path / 'bad'}")
+    assert code == 2 and "Traceback" not in err and "so into at most 22 stages; got stages=40." in err
+    code, out, err = run("--stages=2", "--epochs=2", "--profile_steps=2,3", "--keep_backups",
+                         "--balance=conv3_block2_out", f"--model_dir={tmp_path / 'run'}")
+    assert code == 0, err[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    pipe = summary["pipeline"]
+    assert (pipe["stages"], pipe["micro_batches"], pipe["schedule"]) == (2, 2, "1f1b")
+    assert [row["last_layer"] for row in pipe["stage_table"]][0] == "conv3_block2_out"
+    assert pipe["bubble_theory"] == pytest.approx(1 / 3, abs=1e-3) and 0 < pipe["bubble_measured"] < 1
+    assert {t[0] for t in pipe["timeline"]["tasks"]} == {0, 1} and len(pipe["timeline"]["tasks"]) == 8
+    assert summary["optimizer_updates"] == 8 and 0 <= summary["val_accuracy"] <= 1
+    assert "stage device" in out  # the printed stage table
+    code, out, err = run("--stages=2", "--epochs=3", "--balance=conv3_block2_out", f"--model_dir={tmp_path / 'run'}")
+    assert code == 0, err[-3000:]
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert resumed["resumed_from"]["epoch"] == 2 and resumed["optimizer_updates"] == 12
+    assert resumed["epochs_done"] == 1
