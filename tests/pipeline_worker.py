@@ -21,6 +21,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+if MODE == "placement":
+    tf.debugging.set_log_device_placement(True)  # only takes effect before TF's context starts
+
 from tfpar import models, pipeline, steps  # noqa: E402
 from tfpar.pipeline import stages as stages_lib  # noqa: E402
 
@@ -158,9 +161,21 @@ def placement(save):
     model = build("alexnet")
     piped = pipeline.split(model, stages=2, micro_batches=2, balance="layers", print_fn=None)
     compile_(piped)
-    tf.debugging.set_log_device_placement(True)
     x, y = data()
     piped.fit(x[:8], y[:8], batch_size=8, epochs=1, verbose=0)
+
+    @tf.function
+    def naive(images):  # the same stages with one tape.gradient call on CPU:0 (tensorflow/tensorflow#33688)
+        with tf.GradientTape() as tape:
+            h = images
+            for s, (stage, device) in enumerate(zip(piped.plan.stages, piped.plan.devices)):
+                with tf.device(device), tf.name_scope(f"naive{s}"):
+                    h = stage(h, training=True)
+            loss = tf.reduce_mean(h)
+        with tf.device(piped.plan.devices[0]):
+            return tape.gradient(loss, model.trainable_weights)
+
+    naive(tf.constant(x[:8]))
     return {"devices": piped.plan.devices,
             "cut": [row["last_layer"] for row in piped.stage_table]}
 
