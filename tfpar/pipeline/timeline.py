@@ -12,6 +12,8 @@ the stages share one thread pool, so rows are stages, not threads.
 import collections
 import re
 
+# Bookkeeping ops with no data inputs run as soon as the step starts; they would stretch a task's box.
+_IGNORED = {"ReadVariableOp", "Identity", "NoOp", "Const", "_Send", "_Recv", "Shape", "VarHandleOp"}
 _TASK = re.compile(r"(?:^|/)(gradient_tape/)?(?:copy(\d+)_)?stage(\d+)_([FB])(\d+)(?:_\d+)?/")
 
 
@@ -32,7 +34,7 @@ def _events(path):
             name, start = names[e.metadata_id].name, line.timestamp_ns * 1000 + e.offset_ps
             if name in trace.STEP_EVENTS:
                 steps.append((start, start + e.duration_ps))
-            elif e.duration_ps:
+            elif e.duration_ps and name.rsplit(":", 1)[-1] not in _IGNORED:
                 match = _TASK.search(name)
                 if match:
                     grad, copy, stage, kind, micro = match.groups()
