@@ -123,11 +123,26 @@ def _measure_tfpar(case):
     if case.get("profile_steps"):
         options.update(tensorboard=True, profile_steps="{},{}".format(*case["profile_steps"]))
     options.update(case.get("train_options", {}))  # any other TrainConfig field, e.g. all_reduce_dtype
+    if case.get("pipeline_trace"):  # trace 2 steps of the first timed window: the bubble (tfpar.pipeline.timeline)
+        first = case["warmup_windows"] * case["steps"] + 2
+        options.update(tensorboard=True, profile_steps=f"{first},{first + 1}")
+    if case.get("virtual_gpus"):  # split one GPU into logical GPUs before TF starts (pipeline stages)
+        import tensorflow as tf
+
+        gpu = tf.config.list_physical_devices("GPU")[0]
+        tf.config.set_logical_device_configuration(
+            gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=case.get("gpu_memory_mb", 30000))]
+            * case["virtual_gpus"])
     config = train.TrainConfig(**options)
     result = train.run(config, print_fn=None)
     per_epoch = [e["examples_per_sec"] for e in result["throughput"]][case["warmup_windows"]:]
-    return {"rates": per_epoch, "replicas": result["replicas"], "precision": result["precision"],
-            "jit_compile": result.get("jit_compile")}
+    out = {"rates": per_epoch, "replicas": result["replicas"], "precision": result["precision"],
+           "jit_compile": result.get("jit_compile")}
+    if "pipeline" in result:
+        pipe = result["pipeline"]
+        out.update(bubble_measured=pipe["bubble_measured"], bubble_theory=pipe["bubble_theory"],
+                   stage_ms=[row["ms"] for row in pipe["stage_table"]])
+    return out
 
 
 def _measure_plain(case, tf_keras):
@@ -270,9 +285,17 @@ def suites(name):
     # out already cover tracing and warm-up; no warm-up window.
     accum = {"grad_accum_steps": 2 if quick else 4}
     r50a = dict(r50w, steps=3, warmup_windows=0, train_options=accum)
+    def pipelined(case, micro, schedule="gpipe"):
+        return dict(case, name=f"{case['model']} 2 stages, {schedule}, {micro} micro-batches", kind="tfpar",
+                    strategy="pipeline", pipeline_trace=True,
+                    train_options={"stages": 2, "micro_batches": micro, "schedule": schedule, "balance": "time"})
+
     if name == "gpu":
         g = dict(base, model="resnet50", image=224, batch=256, classes=1000, steps=30)
+        gp = dict(g, batch=128, steps=10, precision="mixed_float16", jit_compile="off")
         return {
+            "gpu_pipeline": [dict(gp, name="resnet50 fp16 one GPU", kind="tfpar"),
+                             dict(pipelined(gp, 4), virtual_gpus=2), dict(pipelined(gp, 8), virtual_gpus=2)],
             "gpu_xla": [dict(g, name="resnet50 fp16 one GPU", kind="tfpar", precision="mixed_float16", jit_compile="off"),
                         dict(g, name="resnet50 fp16+XLA one GPU", kind="tfpar", precision="mixed_float16", jit_compile="on")],
             # On all visible GPUs: tfpar's default gradient buckets, then Keras's single all-reduce.
@@ -306,6 +329,9 @@ def suites(name):
                          train_options=dict(accum, all_reduce_dtype="bfloat16")),
                     dict(r50a, name=f"resnet50 ceiling: {accum['grad_accum_steps']} micro-batches twice at once",
                          kind="tfpar", copies=2, ceiling=True)],
+        # Bubble from the trace vs (S-1)/(M+S-1); images/sec of 2 stages on 2 logical CPUs vs 1 device.
+        "pipeline": [dict(r18, name="resnet18 1 device", kind="tfpar", strategy="one_device"),
+                     dict(pipelined(r18, 4), virtual_cpus=2), dict(pipelined(r18, 8), virtual_cpus=2)],
         "precision": [dict(r50, name="resnet50 float32", kind="tfpar"),
                       dict(r50, name="resnet50 mixed_bfloat16", kind="tfpar", precision="mixed_bfloat16")],
         "xla": [dict(r18, name="resnet18 mirrored x2, jit off", kind="tfpar", strategy="mirrored", virtual_cpus=2,
@@ -411,6 +437,17 @@ def markdown(report):
             for k, p in enumerate(c.get("profile_rounds") or [c.get("profile", {})]):
                 if "step_ms" in p:
                     profiled.append((name, c["name"] + (f" (round {k + 1})" if c.get("profile_rounds") else ""), p))
+    bubbles = [(name, c) for name, cases in report["comparisons"].items() for c in cases
+               if c.get("bubble_theory") is not None]
+    if bubbles:
+        lines += ["", "Pipeline bubble: the idle share of a step, measured from a 2-step trace "
+                  "(`tfpar.pipeline.timeline`) beside the theory (S-1)/(M+S-1) for equal stages:", "",
+                  "| comparison | configuration | bubble measured | theory | stage ms (fwd+bwd, 1 micro-batch) |",
+                  "|---|---|---:|---:|---|"]
+        for name, c in bubbles:
+            measured = f"{c['bubble_measured']:.2f}" if c.get("bubble_measured") is not None else "no trace"
+            stage_ms = ", ".join(f"{ms:.0f}" for ms in c.get("stage_ms") or [] if ms is not None)
+            lines.append(f"| {name} | {c['name']} | {measured} | {c['bubble_theory']:.2f} | {stage_ms} |")
     if profiled:
         lines += ["", "Where a step's time goes (`--profile`: a trace of 2 steps on the chief, `tfpar.trace`; "
                   "ms per step):", "",

@@ -76,3 +76,23 @@ def test_plain_scaling_compares_buckets_with_keras_single_all_reduce_and_the_cei
     assert "train_options" not in buckets  # tfpar's default buckets
     assert single["train_options"] == {"all_reduce_bucket_mb": 0}
     assert ceiling["ceiling"] and ceiling["copies"] == 2
+
+
+@pytest.mark.parametrize("suite", ["default", "quick"])
+def test_pipeline_compares_two_traced_stages_with_one_device(suite):
+    one, m4, m8 = benchmark.suites(suite)["pipeline"]
+    assert one["strategy"] == "one_device" and (m4["virtual_cpus"], m8["virtual_cpus"]) == (2, 2)
+    assert [c["train_options"]["micro_batches"] for c in (m4, m8)] == [4, 8]
+    assert all(c["pipeline_trace"] and c["train_options"]["schedule"] == "gpipe" for c in (m4, m8))
+    assert benchmark.examples_per_step(m4) == benchmark.examples_per_step(one)  # the same batch per step
+
+
+def test_markdown_shows_the_measured_bubble_beside_the_theory():
+    one, two = benchmark.merge_rounds([[case("1 device", [10.0]),
+                                        case("2 stages", [12.0], bubble_measured=0.27, bubble_theory=0.2,
+                                             stage_ms=[40.0, 38.0])]])
+    report = {"machine": {"cpu": "cpu", "gpu": None}, "date": "2026-12-01", "suite": "default",
+              "versions": {}, "comparisons": {"pipeline": [one, two]}}
+    text = benchmark.markdown(report)
+    assert "| pipeline | 2 stages | 12.0 | 12.0-12.0 | 1.20 |  |" in text
+    assert "| pipeline | 2 stages | 0.27 | 0.20 | 40, 38 |" in text

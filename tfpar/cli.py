@@ -24,7 +24,7 @@ _HELP = {
     "image_size": "Height and width the images are resized or cropped to.",
     "width_multiplier": "Scales every layer's width (0.125-0.25 for quick runs).",
     "bn_momentum": "BatchNormalization moving-statistics momentum (0.9 suits short runs).",
-    "strategy": "auto, one_device, mirrored, multi_worker, tpu, parameter_server or dtensor.",
+    "strategy": "auto, one_device, mirrored, multi_worker, tpu, parameter_server, dtensor or pipeline.",
     "virtual_cpus": "Split the CPU into this many logical devices (mirrored or dtensor on a laptop).",
     "precision": "float32 (default, as in Keras), mixed_float16, mixed_bfloat16, or auto: mixed_bfloat16 on "
                  "TPUs and on CPUs with native bfloat16, mixed_float16 on GPUs of compute capability 7.0+, "
@@ -73,6 +73,14 @@ _HELP = {
     "log_all_workers": "Every worker prints its epochs (prefixed by task), not only the chief.",
     "mesh": "DTensor mesh for --strategy=dtensor, e.g. batch=2,model=2.",
     "layout_rules": "DTensor layout rules file for --strategy=dtensor.",
+    "stages": "Pipeline stages for --strategy=pipeline: consecutive parts of the model, one per device.",
+    "micro_batches": "Pipeline micro-batches per step: --batch_size splits into this many x --pipeline_replicas; "
+                     "one optimizer update per step.",
+    "schedule": "Pipeline schedule: 1f1b (at most --stages micro-batches of activations per stage) or gpipe.",
+    "balance": "Where the pipeline cuts: time (measure each part), flops, params, layers, or CUT,CUT,... "
+               "(layer names after which stages end).",
+    "pipeline_replicas": "Copies of the pipeline (data parallel over stages x copies devices); each stage's "
+                         "gradients are summed over its copies.",
     "seed": "Random seed for weights, shuffling and augmentation.",
     "verbose": "Progress on the chief (every worker with --log_all_workers). Unset: one line per epoch, plus "
                "Keras's progress bar inside epochs longer than 5 s when one process prints to a terminal; "

@@ -80,6 +80,12 @@ class TrainConfig:
     log_all_workers: bool = False
     mesh: str | None = None  # dtensor only, e.g. "batch=2,model=2"
     layout_rules: str | None = None  # dtensor only: a file of layout rules
+    # pipeline only (tfpar.pipeline): stages x micro-batches per step, schedule, cuts, copies
+    stages: int = 2
+    micro_batches: int = 4
+    schedule: str = "1f1b"
+    balance: str = "time"
+    pipeline_replicas: int = 1
     seed: int = 0
     verbose: int | None = None  # None: tfpar.callbacks picks a progress bar or one line per epoch
     # fault tolerance (tfpar.backup, tfpar.preemption)
@@ -96,7 +102,7 @@ class TrainConfig:
         """Raise ``ValueError`` with one clear sentence for the first bad field."""
         from tfpar import all_reduce, data, models, precision, schedules, strategies
 
-        names = strategies.NAMES + ("dtensor",)
+        names = strategies.NAMES + ("dtensor", "pipeline")
         if self.model not in models.names():
             raise ValueError(f"Unknown model {self.model!r}; choose one of: {', '.join(models.names())}.")
         if self.strategy not in names:
@@ -161,6 +167,10 @@ class TrainConfig:
             raise ValueError(f"launcher must be one of: {', '.join(repr(n) for n in LAUNCHERS)}; got {self.launcher!r}.")
         if self.launcher and (not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1):
             raise ValueError(f"workers must be a positive integer with launcher={self.launcher}, got {self.workers!r}.")
+        if self.strategy == "pipeline":
+            from tfpar.pipeline import driver
+
+            driver.check(self)
         return self
 
     def _validate_fault_tolerance(self):
@@ -297,8 +307,13 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     # Fault tolerance: refuse a foreign or damaged backup before anything is written,
     # and never wait forever for peers that do not come up.
     backup_cb = backup.for_run(config, info, print_fn=print_fn)
+    pipelined = config.strategy == "pipeline"
+    if pipelined:
+        from tfpar.pipeline import driver as pipeline_driver
+
+        strategy = pipeline_driver.strategy(config)  # the pipeline places its own ops
     with preemption.peers_within(config.cluster_timeout, info):
-        strategy = strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
+        strategy = strategy if pipelined else strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
     replicas = strategy.num_replicas_in_sync
     global_batch = config.global_batch_size(replicas)  # one micro-batch over all replicas
     accum = config.grad_accum_steps
@@ -308,9 +323,11 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     resume_step = backup_cb.resume.step if backup_cb is not None and backup_cb.resume is not None else 0
     pipes = data.make(config, global_batch, source, num_workers=info.num_workers, worker_index=info.task_index,
                       micro_batches=accum, skip_batches=resume_step)  # resumes at the backup's exact example
-    jit = resolve_jit_compile(config.jit_compile, strategy)
+    jit = False if pipelined else resolve_jit_compile(config.jit_compile, strategy)
     with strategy.scope():
         model = build_model(config)
+        if pipelined:
+            model = pipeline_driver.split(config, model, global_batch, print_fn=print_fn)
         optimizer, peak = make_optimizer(config, global_batch, pipes.steps_per_epoch)
         model.compile(optimizer=optimizer, loss=make_loss(config),
                       metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
@@ -382,6 +399,7 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
         "examples_per_sec": throughput.median_examples_per_sec(),
         "throughput": throughput.epochs,  # per epoch: examples_per_sec, step_time_ms, steps
         "weights_sha256": summary.weights_checksum(model),
+        **({"pipeline": pipeline_driver.summary(config, model, model_dir)} if pipelined else {}),
     }
 
 

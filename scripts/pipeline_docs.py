@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Make docs/pipeline.md's material: full-size stage tables and a GPipe-beside-1F1B timeline from real traces.
+
+    python scripts/pipeline_docs.py tables            # VGG16 and ResNet-50 (224 px, 1000 classes), markdown
+    python scripts/pipeline_docs.py timeline [--out docs/pipeline_timeline.png]
+
+``tables`` cuts the full-size models with ``balance="flops"`` and
+``"params"`` (``tfpar.pipeline.plan_stages``; nothing is trained). The
+timeline trains a small ResNet-18 with ``tfpar-train --strategy=pipeline``
+on 2 logical CPUs, once per schedule, traces 2 steps, and draws the first
+(``tfpar.pipeline.timeline``). Needs matplotlib.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def tables(stages=4):
+    from tfpar import models, pipeline
+
+    out = []
+    for name in ("vgg16", "resnet50"):
+        model = models.build(name, num_classes=1000, input_shape=(224, 224, 3))
+        for kind in ("flops", "params"):
+            _, counts, rows = pipeline.plan_stages(model, stages, balance=kind)
+            most = max(r["flops_per_image"] for r in rows) / sum(r["flops_per_image"] for r in rows)
+            out.append(f"### {name}, {stages} stages, balance={kind} (slowest stage {most:.0%} of the FLOPs)\n")
+            out.append("| stage | layers | params | GFLOPs/image | cut MB/image | first..last layer |")
+            out.append("|---:|---:|---:|---:|---:|---|")
+            for r in rows:
+                cut = f"{r['cut_bytes_per_image'] / 2**20:.2f}" if r["cut_bytes_per_image"] else "-"
+                out.append(f"| {r['stage']} | {r['layers']} | {r['params']:,} | {r['flops_per_image'] / 1e9:.2f} "
+                           f"| {cut} | {r['first_layer']}..{r['last_layer']} |")
+            out.append("")
+    return "\n".join(out)
+
+
+def timeline(path):
+    from tfpar import trace
+    from tfpar.pipeline import timeline as timeline_lib
+
+    found = []
+    for schedule in ("gpipe", "1f1b"):
+        with tempfile.TemporaryDirectory() as tmp:
+            command = [sys.executable, "-m", "tfpar.cli", "--strategy=pipeline", "--stages=2", "--micro_batches=4",
+                       f"--schedule={schedule}", "--balance=flops", "--model=resnet18", "--width_multiplier=0.25",
+                       "--image_size=32", "--batch_size=32", "--epochs=1", "--steps_per_epoch=5",
+                       "--validation_steps=0", "--profile_steps=3,4", "--verbose=0", f"--model_dir={tmp}"]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            found.append(timeline_lib.read(trace.find(tmp)[0]))
+    timeline_lib.plot(found, path, titles=["GPipe, 2 stages x 4 micro-batches", "1F1B, 2 stages x 4 micro-batches"])
+    return found
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("tables", "timeline"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "pipeline_timeline.png"))
+    args = parser.parse_args(argv)
+    if args.what == "tables":
+        print(tables())
+    else:
+        found = timeline(args.out)
+        print(json.dumps([{k: v for k, v in t.items() if k != "tasks"} for t in found]))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""``tfpar-train --strategy=pipeline``: the pieces ``tfpar.train.fit_loop`` calls for a pipeline run.
+
+The run is Keras ``fit`` on the pipelined model under TF's default strategy
+(the pipeline places its own ops); ``--batch_size`` is the batch of one
+step, split into ``--micro_batches`` x ``--pipeline_replicas`` micro-batches.
+"""
+
+import logging
+
+log = logging.getLogger("tfpar")
+
+
+def check(config):
+    """One sentence for pipeline flags that cannot work (called from ``TrainConfig.validate``)."""
+    from tfpar.pipeline import balance, schedules
+
+    for name in ("stages", "micro_batches", "pipeline_replicas"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    schedules.check(config.schedule)
+    balance.check(config.balance)
+    if config.grad_accum_steps > 1:
+        raise ValueError("grad_accum_steps does not apply to --strategy=pipeline; its --micro_batches already "
+                         "sum the gradients of several micro-batches per update.")
+    if config.jit_compile == "on":
+        raise ValueError("jit_compile=on does not apply to --strategy=pipeline (its stages run on different "
+                         "devices); use jit_compile=auto or off.")
+    if config.all_reduce_dtype != "float32":
+        raise ValueError("all_reduce_dtype applies to mirrored and multi_worker; --strategy=pipeline sums its "
+                         "copies' gradients in float32.")
+    per_step = config.micro_batches * config.pipeline_replicas
+    if config.batch_size is not None and config.batch_size % per_step:
+        raise ValueError(f"batch_size {config.batch_size} does not split into {config.micro_batches} micro-batches "
+                         f"x {config.pipeline_replicas} pipeline copies; use a multiple of {per_step}.")
+    if config.per_replica_batch_size is not None:
+        raise ValueError("--strategy=pipeline takes --batch_size (the batch of one step), not "
+                         "--per_replica_batch_size.")
+
+
+def strategy(config):
+    """TF's default strategy, after splitting the CPU into stages x copies devices when there is no GPU."""
+    import tensorflow as tf
+
+    from tfpar import strategies
+
+    count = config.virtual_cpus
+    if count is None and not tf.config.list_physical_devices("GPU"):
+        count = config.stages * config.pipeline_replicas
+    if count:
+        strategies.configure_virtual_cpus(count)
+    return tf.distribute.get_strategy()
+
+
+def split(config, model, global_batch, print_fn=print):
+    """``model`` pipelined as the flags say."""
+    from tfpar import pipeline
+
+    return pipeline.split(model, stages=config.stages, micro_batches=config.micro_batches,
+                          schedule=config.schedule, balance=config.balance, replicas=config.pipeline_replicas,
+                          batch_size=global_batch, print_fn=print_fn)
+
+
+def summary(config, model, model_dir, step_ms=None):
+    """The ``pipeline`` entry of summary.json: settings, the stage table and the bubble (theory, measured)."""
+    from tfpar import trace
+    from tfpar.pipeline import schedules, timeline
+
+    measured = None
+    for path in trace.find(model_dir):
+        try:
+            measured = timeline.read(path)
+        except ValueError as err:
+            log.info("no pipeline timeline in %s: %s", path, err)
+    return {
+        "stages": config.stages, "micro_batches": config.micro_batches, "schedule": config.schedule,
+        "balance": config.balance, "replicas": config.pipeline_replicas, "devices": model.plan.devices,
+        "stage_table": model.stage_table,
+        "bubble_theory": round(schedules.bubble(config.stages, config.micro_batches), 4),
+        "bubble_measured": measured["bubble"] if measured else None,  # needs --profile_steps
+        "timeline": measured,
+    }
