@@ -123,6 +123,13 @@ HOOKS = (
     # --- DTensor through Keras fit (tfpar/sharding/keras_steps.py) ------------------------
     Hook("symbolic_build", "@model:_symbolic_build", "calls", "data_batch", used_by="sharding/keras_steps.py"),
     Hook("compile_loss", "@model:_compile_loss", "calls", used_by="sharding/keras_steps.py"),
+    # --- Pipeline stages (tfpar/pipeline/) --------------------------------------------------
+    Hook("functional_class", "keras.src.models.functional:Functional", "calls",
+         used_by="pipeline/partition.py (a graph to cut?)"),
+    Hook("layer_inbound_nodes", "@model:_inbound_nodes", "calls",
+         used_by="pipeline/partition.py (refuse a layer called twice)"),
+    Hook("tf_variable_value", "@optimizer:iterations._value", "calls",
+         used_by="pipeline/placement.py (replaced to move a variable onto its stage's device)"),
     # --- TensorFlow -----------------------------------------------------------------------
     Hook("in_multi_worker_mode",
          "tensorflow.python.distribute.collective_all_reduce_strategy:CollectiveAllReduceExtended._in_multi_worker_mode",

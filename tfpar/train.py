@@ -347,6 +347,9 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     if backup_cb is not None:
         cbs.insert(0, backup_cb)  # first: it sets the initial epoch before the others begin
     name = strategies.describe(strategy)
+    if pipelined:
+        copies = f" ×{config.pipeline_replicas} copies" if config.pipeline_replicas > 1 else ""
+        name = f"pipeline {config.stages} stages{copies}, {config.micro_batches} micro-batches ({config.schedule})"
     summed = f", gradients summed in {reduce_dtype}" if replicas > 1 else ""
     summed += f" in {bucket_mb:g} MiB buckets" if summed and bucket_mb else ""
     micro = f" x {accum} micro-batches per update" if accum > 1 else ""
