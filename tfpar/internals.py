@@ -196,6 +196,13 @@ def _format(parameters):
     return ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in parameters.values())
 
 
+def _unwrap(obj):
+    """Keras's own function under any tfpar wrappers (each keeps the one it wraps as ``__tfpar_original__``)."""
+    while hasattr(obj, "__tfpar_original__"):
+        obj = obj.__tfpar_original__
+    return obj
+
+
 def check(hook, sample_objects=None):
     """Problems with ``hook`` in the installed Keras/TensorFlow: a list of sentences, empty when all is well."""
     where, _, path = hook.target.partition(":")
@@ -207,7 +214,7 @@ def check(hook, sample_objects=None):
             obj = _walk(importlib.import_module(where), path)
     except (ImportError, AttributeError) as err:
         return [f"{hook.target} is gone ({type(err).__name__}: {err})"]
-    obj = getattr(obj, "__tfpar_original__", obj)  # compat may have installed its wrapper already
+    obj = _unwrap(obj)  # compat may have installed its wrappers already
     problems = []
     if hook.params is not None:
         parameters = _parameters(obj)
@@ -232,7 +239,7 @@ def check(hook, sample_objects=None):
         reader = hook.read_by.partition(":")
         attribute = path.rpartition(".")[2]
         try:
-            source = inspect.getsource(_walk(importlib.import_module(reader[0]), reader[2]))
+            source = inspect.getsource(_unwrap(_walk(importlib.import_module(reader[0]), reader[2])))
         except (ImportError, AttributeError, OSError, TypeError) as err:
             problems.append(f"{hook.read_by}, which reads {attribute}, is gone ({err})")
         else:
