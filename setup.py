@@ -47,7 +47,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["tfpar", "tfpar.sharding", "tfpar.models"],
+    packages=["tfpar", "tfpar.sharding", "tfpar.pipeline", "tfpar.models"],
     package_dir={"tfpar": "tfpar", "tfpar.models": "models"},
     install_requires=INSTALL_REQUIRES,
     extras_require={
