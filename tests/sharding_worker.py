@@ -346,13 +346,27 @@ def client(out_path):
     kernel = {w.path: w for w in model.weights}["fc1/kernel"]
     from tfpar.sharding import variables
 
-    with open(out_path, "w") as f:
+    with open(out_path + ".tmp", "w") as f:  # renamed once complete: the other client waits for the name
         json.dump({"client": dtensor.client_id(), "clients": dtensor.num_clients(),
                    "local_devices": len(dmesh.local_devices()), "global_devices": dtensor.num_global_devices("CPU"),
                    "losses": losses, "reference": ref["losses"],
                    "max_weight_diff": max_diff(model.get_weights(), ref["final"]),
                    "fc1_local_shapes": [list(s) for s in variables.local_shapes(kernel)],
                    "evaluate": evaluate, "weights_sum": float(sum(np.abs(w).sum() for w in model.get_weights()))}, f)
+    os.replace(out_path + ".tmp", out_path)
+    wait_for_the_other_client(out_path)
+
+
+def wait_for_the_other_client(out_path, timeout=300):
+    """Exit only once the other client has written its results too: a client that exits early takes its
+    collective server down while the other may still be in its last gather (connection reset)."""
+    import glob
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(glob.glob(os.path.join(os.path.dirname(out_path), "*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # the other client's last collective RPCs finish after it writes
 
 
 if __name__ == "__main__":
