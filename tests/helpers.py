@@ -24,6 +24,19 @@ def run_reaped(command, timeout, env=None, merge_output=False, **kwargs):
     return proc.returncode, out, err or ""
 
 
+def reap(proc):
+    """SIGKILL ``proc``'s process group if it still runs, and wait for it (at most 30 s)."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 def tfpar_train_command():
     """The installed ``tfpar-train`` console script, or ``python -m tfpar.cli``."""
     script = os.path.join(os.path.dirname(sys.executable), "tfpar-train")

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from helpers import reap as _reap
 from tfpar import launcher, preemption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,18 +30,6 @@ def _env():
 def _start(argv, **kwargs):
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=_env(), **kwargs)
-
-
-def _reap(proc):
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _finish(proc, timeout):

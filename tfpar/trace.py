@@ -54,6 +54,19 @@ def find(model_dir):
                   for name in names if name.endswith(".xplane.pb"))
 
 
+def host_plane(path):
+    """The ``/host:CPU`` plane of an ``.xplane.pb`` file (every op TF ran on the host)."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    with open(path, "rb") as f:
+        space.ParseFromString(f.read())
+    host = next((p for p in space.planes if p.name == "/host:CPU"), None)
+    if host is None:
+        raise ValueError(f"{path} holds no /host:CPU trace.")
+    return host
+
+
 def step_breakdown(path, top=8):
     """Per-step averages of one trace (``.xplane.pb``) of training steps; see the module docstring.
 
@@ -63,14 +76,7 @@ def step_breakdown(path, top=8):
     Raises:
       ValueError: the file holds no host trace or no training step.
     """
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    space = xplane_pb2.XSpace()
-    with open(path, "rb") as f:
-        space.ParseFromString(f.read())
-    host = next((p for p in space.planes if p.name == "/host:CPU"), None)
-    if host is None:
-        raise ValueError(f"{path} holds no /host:CPU trace.")
+    host = host_plane(path)
     names = host.event_metadata
     steps, busy, op_time = [], collections.defaultdict(list), collections.Counter()
     for line in host.lines:

@@ -18,16 +18,9 @@ _TASK = re.compile(r"(?:^|/)(gradient_tape/)?(?:copy(\d+)_)?stage(\d+)_([FB])(\d
 
 
 def _events(path):
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
     from tfpar import trace
 
-    space = xplane_pb2.XSpace()
-    with open(path, "rb") as f:
-        space.ParseFromString(f.read())
-    host = next((p for p in space.planes if p.name == "/host:CPU"), None)
-    if host is None:
-        raise ValueError(f"{path} holds no /host:CPU trace.")
+    host = trace.host_plane(path)
     names, steps, ops = host.event_metadata, [], []
     for line in host.lines:
         for e in line.events:
