@@ -17,8 +17,9 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
+
+from helpers import reap
 
 PREFIX = "tfpar"
 SUBNET = "198.18.0"
@@ -144,15 +145,7 @@ class Cluster:
 
     def close(self):
         for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
+            reap(proc)
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
