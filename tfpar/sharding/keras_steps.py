@@ -97,6 +97,29 @@ def attach(model, layouts, batch_axis=None):
                 model.optimizer.build(model.trainable_variables)
         var_lib.adapt_layers(model, layouts)
 
+    def steps_then_logs(self, step, results):
+        """Keras's multi-step function: up to ``steps_per_execution`` packed batches through ``step``, then logs.
+
+        Running out of data after at least one step ends the call early, as in
+        Keras; running out before the first re-raises so that ``fit`` ends the epoch.
+        """
+        def function(iterator):
+            ran = False
+            for _ in range(self.steps_per_execution):
+                try:
+                    data = next(iterator)
+                except (StopIteration, tf.errors.OutOfRangeError):
+                    if ran:
+                        break
+                    raise
+                if unbuilt():
+                    first_call(data)
+                var_lib.adapt_layers(self, layouts)
+                step(pack(data))
+                ran = True
+            return host_logs(results())
+        return function
+
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
@@ -133,28 +156,14 @@ def attach(model, layouts, batch_axis=None):
 
         results = tf.function(self.get_metrics_result)
 
-        def function(iterator):
-            ran = False
-            for _ in range(self.steps_per_execution):
-                try:
-                    data = next(iterator)
-                except (StopIteration, tf.errors.OutOfRangeError):
-                    if ran:
-                        break
-                    raise
-                if unbuilt():
-                    first_call(data)
-                var_lib.adapt_layers(self, layouts)
-                data = pack(data)
-                if own_step:
-                    user_step(data)
-                else:
-                    apply(gradients(data))
-                ran = True
-            return host_logs(results())
+        def step(data):
+            if own_step:
+                user_step(data)
+            else:
+                apply(gradients(data))
 
-        self.train_function = function
-        return function
+        self.train_function = steps_then_logs(self, step, results)
+        return self.train_function
 
     def make_test_function(self, force=False):
         if self.test_function is not None and not force:
@@ -164,26 +173,8 @@ def attach(model, layouts, batch_axis=None):
         def step(data):
             self.test_step(data)
 
-        results = tf.function(self.get_metrics_result)
-
-        def function(iterator):
-            ran = False
-            for _ in range(self.steps_per_execution):
-                try:
-                    data = next(iterator)
-                except (StopIteration, tf.errors.OutOfRangeError):
-                    if ran:
-                        break
-                    raise
-                if unbuilt():
-                    first_call(data)
-                var_lib.adapt_layers(self, layouts)
-                step(pack(data))
-                ran = True
-            return host_logs(results())
-
-        self.test_function = function
-        return function
+        self.test_function = steps_then_logs(self, step, tf.function(self.get_metrics_result))
+        return self.test_function
 
     def make_predict_function(self, force=False):
         if self.predict_function is not None and not force:
