@@ -346,6 +346,8 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     cbs.extend(extra_callbacks)
     train_ds = pipes.train
     if backup_cb is not None:
+        if pipelined:
+            backup_cb.io_device = pipeline_driver.io_device(config)  # remote stages' files on the chief's disk
         cbs.insert(0, backup_cb)  # first: it sets the initial epoch before the others begin
     name = strategies.describe(strategy)
     if pipelined:

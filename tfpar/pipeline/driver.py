@@ -76,6 +76,12 @@ def split(config, model, global_batch, print_fn=print):
                           devices=devices, batch_size=global_batch, print_fn=print_fn)
 
 
+def io_device(config):
+    """In a cluster, the chief's CPU: every stage's checkpoint file IO happens there (``None`` in one process)."""
+    devices = _CLUSTER.get(id(config), (None, None))[0]
+    return f"/job:{tasks.JOB}/replica:0/task:0/device:CPU:0" if devices else None
+
+
 def stages_stay(config):
     """Around ``fit``: in a cluster, a lost stage task ends the run with one line and exit 69 (``tasks``)."""
     return tasks.stages_stay(_CLUSTER.get(id(config), (None, None))[1])
