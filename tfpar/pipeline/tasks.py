@@ -103,7 +103,8 @@ def connect(info, seconds):
     deadline = time.monotonic() + seconds
     while True:
         try:
-            tf.config.experimental_connect_to_cluster(info.resolver(), job_name=JOB, task_index=0, protocol="grpc")
+            tf.config.experimental_connect_to_cluster(info.resolver(), job_name=JOB, task_index=0, protocol="grpc",
+                                                       make_master_device_default=False)
             return
         except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError) as err:
             if time.monotonic() > deadline:
