@@ -283,7 +283,12 @@ class BackupAndRestore(keras.callbacks.Callback):
     io_device = None  # one device for all checkpoint file IO: a pipeline's chief keeps remote stages' files
 
     def _options(self):
-        return tf.train.CheckpointOptions(experimental_io_device=self.io_device) if self.io_device else None
+        """The same options object every time: a new one would retrace TF's saver function at each backup."""
+        if not self.io_device:
+            return None
+        if getattr(self, "_io_options", None) is None:
+            self._io_options = tf.train.CheckpointOptions(experimental_io_device=self.io_device)
+        return self._io_options
 
     # --- during training -----------------------------------------------
 
