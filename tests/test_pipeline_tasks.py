@@ -114,10 +114,14 @@ def two_stage_reference(tmp_path_factory):
 @pytest.mark.slow
 def test_two_stages_on_two_tasks_train_as_one_process(tmp_path, two_stage_reference):
     model_dir = str(tmp_path / "run")
-    code, out, _ = _launch(model_dir, 2, ["--stages=2"])
+    code, out, _ = _launch(model_dir, 2, ["--stages=2", "--tensorboard", "--profile_steps=6,7"])
     assert code == 0, out[-4000:]
     assert "worker-1 serves stage 1 of copy 0" in out
     got, _ = _assert_same_run(model_dir, two_stage_reference)
+    # The chief's trace and worker-1's (taken through its server) give both stages' busy and idle time.
+    timeline = got["pipeline"]["timeline"]
+    assert set(timeline["busy_ms"]) == set(timeline["idle_ms"]) == {"copy0/stage0", "copy0/stage1"}, timeline
+    assert all(0 < timeline["busy_ms"][k] <= timeline["step_ms"] for k in timeline["busy_ms"])
     piped = got["pipeline"]
     task = "/job:worker/replica:0/task:{}/device:CPU:0"
     assert piped["devices"] == [task.format(0), task.format(1)]

@@ -344,6 +344,8 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
                                         print_fn=print_fn, task_name=info.task_name,
                                         multi_worker=strategies.is_multi_worker(strategy))
     cbs.extend(extra_callbacks)
+    if pipelined:
+        cbs.extend(pipeline_driver.callbacks(config, model_dir))  # in a cluster, --profile_steps traces every task
     train_ds = pipes.train
     if backup_cb is not None:
         if pipelined:

@@ -6,6 +6,7 @@ step, split into ``--micro_batches`` x ``--pipeline_replicas`` micro-batches.
 """
 
 import logging
+import os
 
 from tfpar.pipeline import tasks
 
@@ -82,6 +83,15 @@ def io_device(config):
     return f"/job:{tasks.JOB}/replica:0/task:0/device:CPU:0" if devices else None
 
 
+def callbacks(config, model_dir):
+    """In a cluster with ``--profile_steps``: the callback that traces the stage tasks too."""
+    devices = _CLUSTER.get(id(config), (None, None))[0]
+    traced = config.profile_range() if config.tensorboard else None
+    if not devices or not traced:
+        return []
+    return [tasks.StageTrace(_CLUSTER[id(config)][1].info, os.path.join(model_dir, tasks.STAGE_TRACES), traced)]
+
+
 def stages_stay(config):
     """Around ``fit``: in a cluster, a lost stage task ends the run with one line and exit 69 (``tasks``)."""
     return tasks.stages_stay(_CLUSTER.get(id(config), (None, None))[1])
@@ -93,9 +103,12 @@ def summary(config, model, model_dir, step_ms=None):
     from tfpar.pipeline import schedules, timeline
 
     measured = None
+    remote = trace.find(os.path.join(model_dir, tasks.STAGE_TRACES))  # the stage tasks' traces, in a cluster
     for path in trace.find(model_dir):
+        if path in remote:
+            continue
         try:
-            measured = timeline.read(path)
+            measured = timeline.read(path, other_tasks=remote)
         except ValueError as err:
             log.info("no pipeline timeline in %s: %s", path, err)
     return {

@@ -24,6 +24,7 @@ import threading
 import time
 
 JOB = "worker"
+STAGE_TRACES = "stage_traces"  # under model_dir: the stage tasks' profiler traces (``StageTrace``)
 CHIEF_GONE_SEC = 3.0  # a server leaves this long after the chief's port stopped answering
 
 
@@ -207,3 +208,46 @@ def stages_stay(heartbeat):
         raise  # every stage task still answers: not a lost task, so the error itself is the news
     finally:
         heartbeat.close()
+
+
+def _stage_trace_callback():
+    import keras
+
+    class StageTrace(keras.callbacks.Callback):
+        """Trace every other task while the chief's TensorBoard callback traces steps ``first..last``.
+
+        A ``tf.distribute.Server`` serves TF's profiler too, so the chief asks each stage task for a trace
+        (``tf.profiler.experimental.client.trace``) long enough to cover those steps, from the step time so far.
+        """
+
+        def __init__(self, info, logdir, steps):
+            super().__init__()
+            self.info, self.logdir, (self.first, self.last) = info, logdir, steps
+            self._step, self._times, self._threads = 0, [], []
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._step += 1
+            self._times.append(time.monotonic())
+            if self._step != self.first or len(self._times) < 2:
+                return
+            step_ms = 1000 * (self._times[-1] - self._times[-2])  # the last step: the first one also traced
+            duration = int((self.last - self.first + 1) * step_ms * 1.5 + 500)
+            import tensorflow as tf
+
+            for address in self.info.cluster_spec[JOB][1:]:
+                thread = threading.Thread(target=tf.profiler.experimental.client.trace, daemon=True,
+                                          args=(f"grpc://{address}", self.logdir, duration))
+                thread.start()
+                self._threads.append(thread)
+
+        def on_train_end(self, logs=None):
+            for thread in self._threads:
+                thread.join(timeout=60)
+
+    return StageTrace
+
+
+def __getattr__(name):  # StageTrace needs Keras; built on first use so this module imports without it
+    if name == "StageTrace":
+        return _stage_trace_callback()
+    raise AttributeError(name)
