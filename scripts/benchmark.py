@@ -332,6 +332,9 @@ def suites(name):
         # Bubble from the trace vs (S-1)/(M+S-1); images/sec of 2 stages on 2 logical CPUs vs 1 device.
         "pipeline": [dict(r18, name="resnet18 1 device", kind="tfpar", strategy="one_device"),
                      dict(pipelined(r18, 4), virtual_cpus=2), dict(pipelined(r18, 8), virtual_cpus=2)],
+        # One stage per process vs data parallel on the same 2 one-core processes and global batch:
+        # the pipeline sends activations at one cut; data parallel all-reduces every gradient (ratios per process).
+        "pipeline_vs_data_parallel": [c for model in ("vgg16_bn", "resnet50") for c in _stage_vs_data(model, quick)],
         "precision": [dict(r50, name="resnet50 float32", kind="tfpar"),
                       dict(r50, name="resnet50 mixed_bfloat16", kind="tfpar", precision="mixed_bfloat16")],
         "xla": [dict(r18, name="resnet18 mirrored x2, jit off", kind="tfpar", strategy="mirrored", virtual_cpus=2,
@@ -339,6 +342,22 @@ def suites(name):
                 dict(r18, name="resnet18 mirrored x2, jit on", kind="tfpar", strategy="mirrored", virtual_cpus=2,
                      jit_compile="on", windows=2)],
     }
+
+
+def _stage_vs_data(model, quick):
+    """1 process; 2-process data parallel (plain; accumulation + bf16 all-reduce); 2 stages, M=8, on 2 processes."""
+    image = 32 if quick else 72  # above 64 px: the ImageNet stems (VGG16's 4096-wide dense layers)
+    one = dict(windows=1 if quick else 2, warmup_windows=1, steps=3 if quick else 4, classes=10 if quick else 1000,
+               model=model, image=image, batch=8 if quick else 16, pin=True, strategy="one_device", kind="tfpar",
+               train_options={"width_multiplier": 0.25} if quick else {})
+    two = dict(one, workers=2, batch=2 * one["batch"])
+    opts = one["train_options"]
+    return [dict(one, name=f"{model} 1 process, 1 core"),
+            dict(two, name=f"{model} 2 processes data parallel", strategy="multi_worker"),
+            dict(two, name=f"{model} 2 processes data parallel, 2 micro-batches, bf16 all-reduce",
+                 strategy="multi_worker", train_options=dict(opts, grad_accum_steps=2, all_reduce_dtype="bfloat16")),
+            dict(two, name=f"{model} 2 processes, 2 stages, 8 micro-batches", strategy="pipeline",
+                 train_options=dict(opts, stages=2, micro_batches=8, schedule="1f1b", balance="time"))]
 
 
 TARGETS = {"tfpar_vs_keras": 0.98, "keras3_vs_tf_keras": 1.0, "scaling_plain": 0.75, "scaling": 0.9}
@@ -363,6 +382,15 @@ def add_ceiling_ratios(cases):
     return cases
 
 
+def _baseline(case, cases):
+    """The case ``case`` is a ratio to: the comparison's first case of the same model (several models in one)."""
+    return next((c for c in cases if c.get("model") == case.get("model")), cases[0])
+
+
+def _is_baseline(case, cases):
+    return _baseline(case, cases).get("name") == case.get("name")
+
+
 def merge_rounds(rounds):
     """One comparison measured ``len(rounds)`` times -> its cases, each with a ``ratio`` to the first.
 
@@ -379,8 +407,8 @@ def merge_rounds(rounds):
                     wall_sec=round(sum(r["wall_sec"] for r in runs), 1), rounds=len(runs))
         if len(runs) > 1 and all("profile" in r for r in runs):
             case["profile_rounds"] = [r["profile"] for r in runs]
-        if i:
-            per_round = [ratio(r, base[0]) for r, base in zip(runs, rounds)]
+        if not _is_baseline(runs[0], rounds[0]):
+            per_round = [ratio(r, _baseline(r, base)) for r, base in zip(runs, rounds)]
             if None not in per_round:
                 case.update(ratio=statistics.median(per_round), ratio_spread=[min(per_round), max(per_round)])
         merged.append(case)

@@ -96,3 +96,24 @@ def test_markdown_shows_the_measured_bubble_beside_the_theory():
     text = benchmark.markdown(report)
     assert "| pipeline | 2 stages | 12.0 | 12.0-12.0 | 1.20 |  |" in text
     assert "| pipeline | 2 stages | 0.27 | 0.20 | 40, 38 |" in text
+
+
+@pytest.mark.parametrize("suite", ["default", "quick"])
+def test_pipeline_vs_data_parallel_runs_both_models_on_the_same_two_pinned_processes(suite):
+    cases = benchmark.suites(suite)["pipeline_vs_data_parallel"]
+    assert [c["model"] for c in cases] == ["vgg16_bn"] * 4 + ["resnet50"] * 4
+    for one, plain, accumulated, piped in (cases[:4], cases[4:]):
+        assert one.get("workers", 1) == 1 and all(c["pin"] for c in (one, plain, accumulated, piped))
+        assert plain["workers"] == accumulated["workers"] == piped["workers"] == 2
+        assert plain["batch"] == piped["batch"] == 2 * one["batch"]  # the same global batch per step
+        assert accumulated["train_options"]["all_reduce_dtype"] == "bfloat16"
+        assert accumulated["train_options"]["grad_accum_steps"] > 1
+        assert piped["strategy"] == "pipeline" and piped["train_options"]["micro_batches"] == 8
+        assert piped["train_options"]["stages"] == 2
+
+
+def test_a_comparison_of_two_models_reads_each_against_its_own_first_case():
+    rows = benchmark.merge_rounds([[case("a 1", [10.0], model="a"), case("a 2", [16.0], model="a", workers=2),
+                                    case("b 1", [4.0], model="b"), case("b 2", [6.0], model="b", workers=2)]])
+    assert "ratio" not in rows[0] and "ratio" not in rows[2]
+    assert rows[1]["ratio"] == pytest.approx(0.8) and rows[3]["ratio"] == pytest.approx(0.75)

@@ -264,7 +264,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def _restore(self, backup):
         try:
-            self._checkpoint.read(backup.checkpoint_prefix).assert_existing_objects_matched()
+            self._checkpoint.read(backup.checkpoint_prefix, options=self._options()).assert_existing_objects_matched()
         except (tf.errors.OpError, AssertionError, ValueError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(
@@ -279,6 +279,16 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._epoch_cut = self.steps_per_epoch - backup.batch
         self.resumed = {"epoch": backup.epoch, "batch": backup.batch, "step": backup.step, "path": backup.path}
         self.print_fn(f"resumed from backup {backup.path}: epoch {backup.epoch + 1}, step {backup.step}")
+
+    io_device = None  # one device for all checkpoint file IO: a pipeline's chief keeps remote stages' files
+
+    def _options(self):
+        """The same options object every time: a new one would retrace TF's saver function at each backup."""
+        if not self.io_device:
+            return None
+        if getattr(self, "_io_options", None) is None:
+            self._io_options = tf.train.CheckpointOptions(experimental_io_device=self.io_device)
+        return self._io_options
 
     # --- during training -----------------------------------------------
 
@@ -350,7 +360,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         else:
             work = tempfile.mkdtemp(prefix=f"tfpar-backup-{self.task_name}-")
         try:
-            self._checkpoint.write(os.path.join(work, CKPT))
+            self._checkpoint.write(os.path.join(work, CKPT), options=self._options())
             if self.is_chief:
                 meta = {"format": FORMAT, "step": self._step, "epoch": epoch, "batch": batch,
                         "steps_per_epoch": self.steps_per_epoch, "num_workers": self.num_workers,

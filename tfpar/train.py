@@ -311,7 +311,7 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     if pipelined:
         from tfpar.pipeline import driver as pipeline_driver
 
-        strategy = pipeline_driver.strategy(config)  # the pipeline places its own ops
+        strategy = pipeline_driver.strategy(config, info)  # the pipeline places its own ops (on tasks in a cluster)
     with preemption.peers_within(config.cluster_timeout, info):
         strategy = strategy if pipelined else strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
     replicas = strategy.num_replicas_in_sync
@@ -321,7 +321,8 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     keras.utils.set_random_seed(config.seed)
 
     resume_step = backup_cb.resume.step if backup_cb is not None and backup_cb.resume is not None else 0
-    pipes = data.make(config, global_batch, source, num_workers=info.num_workers, worker_index=info.task_index,
+    readers = 1 if pipelined else info.num_workers  # a pipeline's one client (the chief) reads every batch
+    pipes = data.make(config, global_batch, source, num_workers=readers, worker_index=info.task_index,
                       micro_batches=accum, skip_batches=resume_step)  # resumes at the backup's exact example
     jit = False if pipelined else resolve_jit_compile(config.jit_compile, strategy)
     with strategy.scope():
@@ -343,8 +344,12 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
                                         print_fn=print_fn, task_name=info.task_name,
                                         multi_worker=strategies.is_multi_worker(strategy))
     cbs.extend(extra_callbacks)
+    if pipelined:
+        cbs.extend(pipeline_driver.callbacks(config, model_dir))  # in a cluster, --profile_steps traces every task
     train_ds = pipes.train
     if backup_cb is not None:
+        if pipelined:
+            backup_cb.io_device = pipeline_driver.io_device(config)  # remote stages' files on the chief's disk
         cbs.insert(0, backup_cb)  # first: it sets the initial epoch before the others begin
     name = strategies.describe(strategy)
     if pipelined:
@@ -360,7 +365,9 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     if chief and config.tensorboard:
         callbacks.write_text(model_dir, "run", start_line)
     try:
-        with preemption.peers_stay(info, config.cluster_timeout):  # a peer lost mid-run: one line, exit 69
+        lost_peer = pipeline_driver.stages_stay(config) if pipelined else preemption.peers_stay(
+            info, config.cluster_timeout)
+        with lost_peer:  # a peer lost mid-run: one line, exit 69
             history = model.fit(
                 train_ds, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
                 validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
@@ -443,6 +450,13 @@ def run(config, print_fn=print, callbacks=()):
     from tfpar import cluster as cluster_lib
 
     info = cluster_lib.detect()  # fail on a bad TF_CONFIG before TF starts
+    if config.strategy == "pipeline" and info.cluster_spec:
+        from tfpar.pipeline import tasks as pipeline_tasks
+
+        if pipeline_tasks.in_cluster(config, info):
+            pipeline_tasks.check(config, info)  # a cluster shape the pipeline cannot use: one sentence
+            if not info.is_chief:
+                pipeline_tasks.serve(info, config.stages, print_fn=print_fn)  # exits once the chief is done
     _check_model_dir(config)
     started = time.time()
     loop = training_loop(config.strategy)

@@ -6,8 +6,12 @@ step, split into ``--micro_batches`` x ``--pipeline_replicas`` micro-batches.
 """
 
 import logging
+import os
+
+from tfpar.pipeline import tasks
 
 log = logging.getLogger("tfpar")
+_CLUSTER = {}  # id(config) -> (stage devices, tasks.Heartbeat) once strategy() connected to a cluster
 
 
 def check(config):
@@ -38,12 +42,23 @@ def check(config):
                          "--per_replica_batch_size.")
 
 
-def strategy(config):
-    """TF's default strategy, after splitting the CPU into stages x copies devices when there is no GPU."""
+def strategy(config, info=None):
+    """TF's default strategy, after splitting the CPU into stages x copies devices when there is no GPU.
+
+    In a cluster (``tasks.in_cluster``) it connects to the stage tasks instead and starts their heartbeat
+    (``heartbeat(config)``); each task then has its own device for its stage.
+    """
     import tensorflow as tf
 
-    from tfpar import strategies
+    from tfpar import preemption, strategies
 
+    if info is not None and tasks.in_cluster(config, info):
+        count = config.stages * config.pipeline_replicas
+        tasks.connect(info, config.cluster_timeout)
+        config_devices = tasks.devices(info, count)
+        _CLUSTER[id(config)] = (config_devices, tasks.Heartbeat(
+            info, config_devices, preemption.heartbeat_timeout(config.cluster_timeout), config.stages))
+        return tf.distribute.get_strategy()
     count = config.virtual_cpus
     if count is None and not tf.config.list_physical_devices("GPU"):
         count = config.stages * config.pipeline_replicas
@@ -53,12 +68,33 @@ def strategy(config):
 
 
 def split(config, model, global_batch, print_fn=print):
-    """``model`` pipelined as the flags say."""
+    """``model`` pipelined as the flags say (on the cluster's tasks after ``strategy`` connected to them)."""
     from tfpar import pipeline
 
+    devices = _CLUSTER.get(id(config), (None, None))[0]
     return pipeline.split(model, stages=config.stages, micro_batches=config.micro_batches,
                           schedule=config.schedule, balance=config.balance, replicas=config.pipeline_replicas,
-                          batch_size=global_batch, print_fn=print_fn)
+                          devices=devices, batch_size=global_batch, print_fn=print_fn)
+
+
+def io_device(config):
+    """In a cluster, the chief's CPU: every stage's checkpoint file IO happens there (``None`` in one process)."""
+    devices = _CLUSTER.get(id(config), (None, None))[0]
+    return f"/job:{tasks.JOB}/replica:0/task:0/device:CPU:0" if devices else None
+
+
+def callbacks(config, model_dir):
+    """In a cluster with ``--profile_steps``: the callback that traces the stage tasks too."""
+    devices = _CLUSTER.get(id(config), (None, None))[0]
+    traced = config.profile_range() if config.tensorboard else None
+    if not devices or not traced:
+        return []
+    return [tasks.StageTrace(_CLUSTER[id(config)][1].info, os.path.join(model_dir, tasks.STAGE_TRACES), traced)]
+
+
+def stages_stay(config):
+    """Around ``fit``: in a cluster, a lost stage task ends the run with one line and exit 69 (``tasks``)."""
+    return tasks.stages_stay(_CLUSTER.get(id(config), (None, None))[1])
 
 
 def summary(config, model, model_dir, step_ms=None):
@@ -67,16 +103,30 @@ def summary(config, model, model_dir, step_ms=None):
     from tfpar.pipeline import schedules, timeline
 
     measured = None
+    remote = trace.find(os.path.join(model_dir, tasks.STAGE_TRACES))  # the stage tasks' traces, in a cluster
     for path in trace.find(model_dir):
+        if path in remote:
+            continue
         try:
-            measured = timeline.read(path)
+            measured = timeline.read(path, other_tasks=remote)
         except ValueError as err:
             log.info("no pipeline timeline in %s: %s", path, err)
     return {
         "stages": config.stages, "micro_batches": config.micro_batches, "schedule": config.schedule,
         "balance": config.balance, "replicas": config.pipeline_replicas, "devices": model.plan.devices,
         "stage_table": model.stage_table,
+        # Where TF holds each variable (model and optimizer slots): in a cluster, on each stage's task.
+        "variable_devices": _count_devices(model.original.weights),
+        "optimizer_variable_devices": _count_devices(model.optimizer.variables),
         "bubble_theory": round(schedules.bubble(config.stages, config.micro_batches), 4),
         "bubble_measured": measured["bubble"] if measured else None,  # needs --profile_steps
         "timeline": measured,
     }
+
+
+def _count_devices(variables):
+    counts = {}
+    for variable in variables:
+        device = getattr(variable, "value", variable).device
+        counts[device] = counts.get(device, 0) + 1
+    return dict(sorted(counts.items()))

@@ -37,6 +37,13 @@ def move_variables(variables, device):
 
 
 def same_device(a, b):
-    """Whether device names ``a`` and ``b`` name the same local device ("/cpu:1" is ".../device:CPU:1")."""
+    """Whether device names ``a`` and ``b`` name the same device ("/cpu:1" is ".../device:CPU:1").
+
+    Job and task count only where both names give them: a stage on another task of a cluster
+    (``/job:worker/replica:0/task:1/device:CPU:0``) is not this task's CPU:0.
+    """
     a, b = tf.DeviceSpec.from_string(a or ""), tf.DeviceSpec.from_string(b or "")
+    for field in ("job", "task"):
+        if getattr(a, field) is not None and getattr(b, field) is not None and getattr(a, field) != getattr(b, field):
+            return False
     return ((a.device_type or "").upper(), a.device_index or 0) == ((b.device_type or "").upper(), b.device_index or 0)

@@ -36,15 +36,18 @@ def _events(path):
     return trace._merge(steps), ops
 
 
-def read(path):
+def read(path, other_tasks=()):
     """``{"steps", "step_ms", "busy_ms" (per stage), "bubble", "tasks"}`` from one ``.xplane.pb``.
 
     ``tasks`` lists, for the first traced step, ``[stage, kind, micro, start_ms, end_ms]`` relative to
-    the step's start (copy 0 only).
+    the step's start (copy 0 only). ``other_tasks``: traces of the stage tasks of a cluster, taken at
+    the same time (``tasks.trace_stages``); their ops join the chief's, whose trace marks the steps.
     """
     from tfpar import trace
 
     steps, ops = _events(path)
+    for other in other_tasks:
+        ops += _events(other)[1]
     if not steps or not ops:
         raise ValueError(f"{path} holds no pipeline step (no stage<s>_F<m> ops inside a train step).")
     by_stage = collections.defaultdict(list)
@@ -65,6 +68,7 @@ def read(path):
         "steps": len(steps),
         "step_ms": round(to_ms(step_ps) / len(steps), 2),
         "busy_ms": {f"copy{c}/stage{s}": round(to_ms(v) / len(steps), 2) for (c, s), v in sorted(busy.items())},
+        "idle_ms": {f"copy{c}/stage{s}": round(to_ms(step_ps - v) / len(steps), 2) for (c, s), v in sorted(busy.items())},
         "bubble": round(1 - sum(busy.values()) / (len(busy) * step_ps), 4),
         "tasks": sorted([s, k, m, round(to_ms(a - first[0]), 3), round(to_ms(b - first[0]), 3)]
                         for (s, k, m), (a, b) in boxes.items()),
