@@ -98,8 +98,12 @@ def _pin_to_core():
 def measure(case):
     """Run one case in this process and return {'rates': [...], ...}."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "core" in case:  # a one-worker case on a chosen core (stragglers: the slowed core alone)
+        os.environ["TFPAR_BENCH_COPY"] = str(case["core"])
     if case.get("pin"):
         _pin_to_core()
+    if case.get("ps") and json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {}).get("type") != "chief":
+        _serve_until_done(case)  # a pinned worker or ps server of an asynchronous case; prints no result
     kind = case["kind"]
     if kind == "tfpar":
         return _measure_tfpar(case)
@@ -135,9 +139,15 @@ def _measure_tfpar(case):
             * case["virtual_gpus"])
     config = train.TrainConfig(**options)
     result = train.run(config, print_fn=None)
-    per_epoch = [e["examples_per_sec"] for e in result["throughput"]][case["warmup_windows"]:]
+    epochs = result.get("throughput") or [{"examples_per_sec": r} for r in result.get("epoch_examples_per_sec", [])]
+    per_epoch = [e["examples_per_sec"] for e in epochs][case["warmup_windows"]:]
     out = {"rates": per_epoch, "replicas": result["replicas"], "precision": result["precision"],
            "jit_compile": result.get("jit_compile")}
+    out["train_loss"] = result.get("train_loss")
+    if "worker_times" in result:  # stragglers: per-worker times, the shares reached, the warning
+        out["worker_times"] = result["worker_times"]
+    if result.get("staleness") is not None:
+        out["staleness"] = result["staleness"]
     if "pipeline" in result:
         pipe = result["pipeline"]
         out.update(bubble_measured=pipe["bubble_measured"], bubble_theory=pipe["bubble_theory"],
@@ -208,7 +218,8 @@ def run_case(case, timeout=1200, profile=False):
         copies = case.get("copies", 1)
         argv = [_python_for(case["kind"]), os.path.abspath(__file__), "--_measure"]
         if case.get("workers", 1) > 1:
-            argv = [sys.executable, "-m", "tfpar.launcher", "--workers", str(case["workers"]), "--"] + argv
+            servers = ["--ps", str(case["ps"]), "--servers", "command"] if case.get("ps") else []  # pinned servers
+            argv = [sys.executable, "-m", "tfpar.launcher", "--workers", str(case["workers"])] + servers + ["--"] + argv
         started = time.time()
         procs = []
         for copy in range(copies):
@@ -248,6 +259,32 @@ def run_case(case, timeout=1200, profile=False):
     return out
 
 
+def run_with_busy_core(case, **kwargs):
+    """``run_case`` while a busy process spins on core ``case['busy_core']`` (a straggler's competitor); always killed."""
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[case["busy_core"] % len(cores)]
+    spin = f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True:\n    pass\n"
+    busy = subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
+    try:
+        return run_case(case, **kwargs)
+    finally:
+        os.killpg(busy.pid, signal.SIGKILL)
+        busy.wait()
+
+
+def _serve_until_done(case, timeout=1200):
+    """A worker or ps task of an asynchronous case: serve, pinned, until the chief wrote its summary; exit 0."""
+    from tfpar import parameter_server
+
+    server = parameter_server.serve(start_only=True)
+    done = os.path.join(case["model_dir"], "summary.json")
+    deadline = time.time() + timeout
+    while not os.path.exists(done) and time.time() < deadline:
+        time.sleep(0.5)
+    del server
+    os._exit(0)  # a tf.distribute.Server cannot be stopped; the chief has finished with it
+
+
 def _profile_of(model_dir):
     from tfpar import trace
 
@@ -270,6 +307,33 @@ def summarise(rates, examples):
     median = statistics.median(rates)
     return {"rates": rates, "images_per_sec": median, "spread": [min(rates), max(rates)],
             "windows_measured": len(rates), "step_time_ms": 1000.0 * examples / median}
+
+
+def stragglers_cases(base, quick):
+    """2 one-core workers, worker 1's core shared with a busy process the benchmark starts (``busy_core``).
+
+    Cases: worker 0's core alone and worker 1's slowed core alone (their sum
+    is the ideal), synchronous with ``--balance_batches`` (the target row:
+    >= 0.9 of the ideal), synchronous plain, asynchronous parameter servers
+    (1 ps; the same examples per window, one worker's batch per step; its
+    loss and gradient staleness are reported), and 2 workers with no
+    straggler as the reference. A small-width ResNet-18 keeps the step
+    compute-bound, so what is measured is the wait for the slow worker.
+    """
+    one = dict(base, model="resnet18", image=32 if quick else 64, batch=16 if quick else 32, pin=True,
+               strategy="one_device", steps=4 if quick else 8, warmup_windows=1,
+               train_options={"width_multiplier": 0.25})
+    two = dict(one, workers=2, strategy="multi_worker", batch=2 * one["batch"])
+    balanced = dict(one["train_options"], balance_batches=True, balance_every=2 if quick else 4)
+    slow = {"busy_core": 1}
+    return [dict(one, name="resnet18/4 1 worker, core 0, alone", solo=True),
+            dict(two, **slow, name="2 workers, worker 1 slowed, synchronous --balance_batches", train_options=balanced),
+            dict(two, **slow, name="2 workers, worker 1 slowed, synchronous"),
+            dict(one, **slow, name="2 workers, worker 1 slowed, asynchronous parameter servers", workers=2, ps=1,
+                 strategy="parameter_server", steps=2 * one["steps"]),
+            dict(two, name="2 workers, no straggler (reference)"),
+            dict(one, **slow, core=1, name="resnet18/4 1 worker, core 1 shared with the busy process, alone",
+                 solo=True)]
 
 
 def suites(name):
@@ -332,6 +396,7 @@ def suites(name):
         # Bubble from the trace vs (S-1)/(M+S-1); images/sec of 2 stages on 2 logical CPUs vs 1 device.
         "pipeline": [dict(r18, name="resnet18 1 device", kind="tfpar", strategy="one_device"),
                      dict(pipelined(r18, 4), virtual_cpus=2), dict(pipelined(r18, 8), virtual_cpus=2)],
+        "stragglers": stragglers_cases(base, quick),
         "precision": [dict(r50, name="resnet50 float32", kind="tfpar"),
                       dict(r50, name="resnet50 mixed_bfloat16", kind="tfpar", precision="mixed_bfloat16")],
         "xla": [dict(r18, name="resnet18 mirrored x2, jit off", kind="tfpar", strategy="mirrored", virtual_cpus=2,
@@ -342,7 +407,8 @@ def suites(name):
 
 
 TARGETS = {"tfpar_vs_keras": 0.98, "keras3_vs_tf_keras": 1.0, "scaling_plain": 0.75, "scaling": 0.9}
-CEILING_TARGETS = {"scaling": 0.95}  # of the machine's own ceiling (two copies that never communicate)
+CEILING_TARGETS = {"scaling": 0.95, "stragglers": 0.9}  # of the machine's own ceiling (two copies that never
+# communicate; for stragglers the ideal: the two workers' solo speeds added, add_ideal_ratios)
 # Small differences on a noisy VM: A B A B, the median of the per-round ratios (0.82-1.02 in single runs).
 ROUNDS = {"tfpar_vs_keras": 2, "keras3_vs_tf_keras": 2}
 
@@ -360,6 +426,23 @@ def add_ceiling_ratios(cases):
     for c in cases:
         if ceiling is not None and c.get("workers", 1) > 1 and "error" not in c:
             c["ratio_to_ceiling"] = c["images_per_sec"] / ceiling["images_per_sec"]
+    return cases
+
+
+def add_ideal_ratios(cases):
+    """Stragglers: each multi-worker case's images/sec over the ideal, the sum of its ``solo`` cases' speeds.
+
+    The ideal is what two workers of those speeds give when neither waits for
+    the other; it is reported as ``ratio_to_ceiling`` (the "of ceiling" column).
+    """
+    solos = [c for c in cases if c.get("solo")]
+    if len(solos) < 2 or any("error" in c for c in solos):
+        return cases
+    ideal = sum(c["images_per_sec"] for c in solos)
+    for c in cases:
+        if c.get("workers", 1) > 1 and "error" not in c:
+            c["ratio_to_ceiling"] = c["images_per_sec"] / ideal
+            c["ideal_images_per_sec"] = ideal
     return cases
 
 
@@ -516,7 +599,7 @@ def main(argv=None):
                 if key in done and name not in ROUNDS:
                     result = dict(done[key], name=case["name"], reused=True)
                 else:
-                    result = run_case(case, profile=args.profile)
+                    result = (run_with_busy_core if "busy_core" in case else run_case)(case, profile=args.profile)
                     done[key] = result
                 measured.append(result)
                 label = f"  {case['name']}" + (f" (round {round_index + 1})" if name in ROUNDS else "")
@@ -531,7 +614,7 @@ def main(argv=None):
 
                         print(f"    profile: {trace.describe(result['profile'])}", flush=True)
             rounds.append(measured)
-        merged = add_ceiling_ratios(merge_rounds(rounds))
+        merged = add_ideal_ratios(add_ceiling_ratios(merge_rounds(rounds)))
         report["comparisons"][name] = merged
         report["ratios"][name] = merged[1].get("ratio") if len(merged) > 1 else None
         for c in merged[1:]:

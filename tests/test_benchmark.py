@@ -96,3 +96,27 @@ def test_markdown_shows_the_measured_bubble_beside_the_theory():
     text = benchmark.markdown(report)
     assert "| pipeline | 2 stages | 12.0 | 12.0-12.0 | 1.20 |  |" in text
     assert "| pipeline | 2 stages | 0.27 | 0.20 | 40, 38 |" in text
+
+
+@pytest.mark.parametrize("suite", ["default", "quick"])
+def test_stragglers_has_the_four_cases_and_the_two_solo_speeds(suite):
+    cases = benchmark.suites(suite)["stragglers"]
+    solo = [c for c in cases if c.get("solo")]
+    assert [c.get("core", 0) for c in solo] == [0, 1] and "busy_core" in solo[1] and "busy_core" not in solo[0]
+    two = [c for c in cases if c.get("workers") == 2]
+    slowed = [c for c in two if "busy_core" in c]
+    assert len(two) == 4 and len(slowed) == 3  # balanced, plain, asynchronous; the reference has no straggler
+    balanced, plain, ps = slowed
+    assert balanced["train_options"]["balance_batches"] and "balance_batches" not in plain["train_options"]
+    assert ps["strategy"] == "parameter_server" and ps["ps"] == 1
+    # the same examples per window: a parameter-server step is one worker's batch
+    assert ps["steps"] * benchmark.examples_per_step(ps) == plain["steps"] * benchmark.examples_per_step(plain)
+    assert benchmark.examples_per_step(plain) == 2 * benchmark.examples_per_step(solo[0])
+
+
+def test_the_ideal_is_the_sum_of_the_solo_speeds():
+    cases = [case("core 0 alone", [10.0], solo=True), case("balanced", [13.5], workers=2),
+             case("core 1 slowed, alone", [5.0], solo=True)]
+    benchmark.add_ideal_ratios(cases)
+    assert cases[1]["ratio_to_ceiling"] == pytest.approx(0.9) and cases[1]["ideal_images_per_sec"] == 15.0
+    assert "ratio_to_ceiling" not in cases[0]
