@@ -97,8 +97,10 @@ def minimum_share(global_batch, replicas, fraction):
 class _State:
     """The variables the step and the callback share (plain Python: not tracked, not checkpointed)."""
 
-    def __init__(self, replicas, global_batch, balance, shares, slow):
+    def __init__(self, strategy, replicas, global_batch, balance, shares, slow):
         self.replicas, self.global_batch, self.balance, self.slow = replicas, global_batch, balance, slow
+        with tf.init_scope(), strategy.scope():
+            self.clock = tf.Variable(0.0, trainable=False)  # one copy per replica: orders only its own stamps
         with tf.init_scope():
             self.host_begin = tf.Variable(0.0, dtype=tf.float64, trainable=False)
             self.times = tf.Variable(tf.zeros((replicas, len(COLUMNS)), tf.float32), trainable=False)
@@ -119,6 +121,23 @@ def _sleep(ms):
     return 0.0
 
 
+# The clock reads and the test seam's sleep are functions taking the replica's own copy of a variable.
+# Inside a tf.function, TensorFlow orders every stateful op with no resource input (tf.timestamp,
+# py_function) in one chain in program order, across replicas too: under MirroredStrategy replica 1's
+# first stamp would wait for replica 0's stamps and sleeps. A call with a resource input is ordered
+# only with the other users of that resource: here, the same replica's stamps.
+@tf.function(autograph=False)
+def _stamp(handle):
+    del handle
+    return tf.timestamp()
+
+
+@tf.function(autograph=False)
+def _nap(handle, ms):
+    del handle
+    return tf.py_function(_sleep, [ms], tf.float32)
+
+
 def train_step(model, state):
     """tfpar's step (``tfpar.steps``) with the replica's times recorded and, when balancing, its slice."""
     from keras.src.losses import loss as loss_module
@@ -131,8 +150,9 @@ def train_step(model, state):
         context = tf.distribute.get_replica_context()
         replica = context.replica_id_in_sync_group
         leaves = [t for t in tf.nest.flatten(data) if t is not None]
+        clock = state.clock.handle  # this replica's copy
         with tf.control_dependencies(leaves):
-            arrived = tf.timestamp()
+            arrived = _stamp(clock)
         x, y, sample_weight = steps.unpack(data)
         if state.balance:
             shares = state.shares.read_value()
@@ -148,23 +168,23 @@ def train_step(model, state):
             chosen = tf.logical_or(tf.equal(replica, state.slow[0]), state.slow[0] < 0)
             ms = tf.where(chosen, examples * state.slow[1], 0.0)
             with tf.control_dependencies([g for g in grads if g is not None]):
-                slept = tf.py_function(_sleep, [ms], tf.float32)
+                slept = _nap(clock, ms)
             grads = [None if g is None else g + tf.cast(slept, g.dtype) * 0 for g in grads]
         steps.assign(model, updates)
         optimizer = model.optimizer
         bucketed = all_reduce.bucket_bytes(optimizer) is not None and not steps._clips(optimizer)
         summed = all_reduce.sum_before_apply(optimizer, grads) if bucketed else None
         with tf.control_dependencies([g for g in grads if g is not None]):
-            ready = tf.timestamp()
+            ready = _stamp(clock)
         if bucketed:
             with tf.control_dependencies([g for g in summed if g is not None]):
-                done = tf.timestamp()
+                done = _stamp(clock)
             with all_reduce.summed_already(optimizer):
                 optimizer.apply_gradients(zip(summed, model.trainable_weights))
         else:  # Keras's own all-reduce inside apply_gradients: the update is counted as waiting too
             optimizer.apply_gradients(zip(grads, model.trainable_weights))
             with tf.control_dependencies([optimizer.iterations.read_value()]):
-                done = tf.timestamp()
+                done = _stamp(clock)
         row = tf.cast(tf.stack([(arrived - state.host_begin.read_value()) * 1000.0, (ready - arrived) * 1000.0,
                                 (done - ready) * 1000.0, tf.cast(examples, tf.float64)]), tf.float32)
         state.times.assign(context.all_gather(row[None], axis=0))
@@ -204,7 +224,7 @@ def supported(model):
         return f"model {model.name!r} defines its own train_step"
     if steps.micro_batches(model) > 1:
         return "balanced batches work with one batch per step (grad_accum_steps=1)"
-    if (xla.state(model) or {}).get("train"):
+    if xla.state(model).get("train") in ("xla", "fallback"):
         return "balanced batches do not combine with per-replica XLA (jit_compile=off)"
     if (getattr(model, "steps_per_execution", 1) or 1) > 1:
         return "worker times are per step: use steps_per_execution=1"
@@ -230,7 +250,7 @@ def enable(model, global_batch, balance=False, shares=None):
     if len(shares) != replicas or sum(shares) != global_batch or min(shares) < 1:
         raise ValueError(f"shares must be {replicas} positive counts summing to the global batch {global_batch}, "
                          f"got {shares}.")
-    state = _State(replicas, global_batch, balance, shares, _slow_seam())
+    state = _State(model.distribute_strategy, replicas, global_batch, balance, shares, _slow_seam())
     model.train_step = train_step(model, state)
     model.train_step.tfpar_accumulating = True  # tfpar.steps.install may take it back like its own step
     model.train_function = None
