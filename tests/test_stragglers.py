@@ -140,6 +140,9 @@ def test_shares_follow_speed_sum_to_the_batch_and_respect_the_minimum():
     with pytest.raises(ValueError, match="cannot give 2 replicas at least 9"):
         stragglers.shares_for([1.0, 1.0], 16, minimum=9)
     assert stragglers.minimum_share(64, 2, 0.25) == 8 and stragglers.minimum_share(2, 2, 0.25) == 1
+    assert stragglers.shares_for([2.0, 1.0], 16, multiple=2) == [10, 6]  # 5.33, 2.67 units of 2
+    assert stragglers.shares_for([100.0, 1.0], 16, minimum=3, multiple=2) == [12, 4]  # the minimum rounded up
+    assert stragglers.shares_for([2.0, 1.0], 15, multiple=2) == [10, 5]  # 2 does not divide 15: any count
 
 
 @pytest.mark.parametrize("slowdown", [1.5, 3.0, 40.0])

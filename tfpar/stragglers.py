@@ -53,13 +53,19 @@ COLUMNS = ("input_ms", "compute_ms", "collective_wait_ms", "examples")
 
 # --------------------------------------------------------------------------- the share rule
 
-def shares_for(speeds, global_batch, minimum=1):
+def shares_for(speeds, global_batch, minimum=1, multiple=1):
     """Integer shares of ``global_batch`` proportional to ``speeds``, each >= ``minimum``, summing exactly.
 
     Replicas whose proportional share falls below ``minimum`` get ``minimum``
     and the rest is split among the others in proportion (repeated until no
     share is below it); the fractions are then rounded by largest remainder.
+    ``multiple``: every share a multiple of it (when it divides the batch):
+    tfpar's ResNet-18 aborts in TF 2.21's CPU kernels at some odd batch sizes
+    (17: "double free or corruption", also on one device), so balancing uses 2.
     """
+    if multiple > 1 and global_batch % multiple == 0 and global_batch // multiple >= len(speeds):
+        units = shares_for(speeds, global_batch // multiple, max(1, -(-minimum // multiple)))
+        return [u * multiple for u in units]
     count = len(speeds)
     if count == 0 or global_batch < count * minimum:
         raise ValueError(f"A global batch of {global_batch} cannot give {count} replicas at least {minimum} each.")
@@ -135,7 +141,7 @@ def _stamp(handle):
 @tf.function(autograph=False)
 def _nap(handle, ms):
     del handle
-    return tf.py_function(_sleep, [ms], tf.float32)
+    return tf.ensure_shape(tf.py_function(_sleep, [ms], tf.float32), [])  # a known shape: gradients stay packable
 
 
 def train_step(model, state):
@@ -154,7 +160,7 @@ def train_step(model, state):
         with tf.control_dependencies(leaves):
             arrived = _stamp(clock)
         x, y, sample_weight = steps.unpack(data)
-        if state.balance:
+        if state.balance:  # read each step: new shares need no retracing
             shares = state.shares.read_value()
             start, size = tf.reduce_sum(shares[:replica]), shares[replica]
             x, y, sample_weight = tf.nest.map_structure(
@@ -170,6 +176,10 @@ def train_step(model, state):
             with tf.control_dependencies([g for g in grads if g is not None]):
                 slept = _nap(clock, ms)
             grads = [None if g is None else g + tf.cast(slept, g.dtype) * 0 for g in grads]
+        variables = model.variables  # static shapes, lost by slicing: collectives pack only known shapes
+        updates = {k: tf.ensure_shape(v, variables[int(k)].shape) for k, v in updates.items()}
+        grads = [None if g is None or isinstance(g, tf.IndexedSlices) else tf.ensure_shape(g, w.shape)
+                 for g, w in zip(grads, model.trainable_weights)]
         steps.assign(model, updates)
         optimizer = model.optimizer
         bucketed = all_reduce.bucket_bytes(optimizer) is not None and not steps._clips(optimizer)
@@ -316,7 +326,7 @@ class WorkerTimes(keras.callbacks.Callback):
         self._check(window, own)
         if self.rebalance:
             speeds = [m[3] / m[1] if m[1] > 0 else 0.0 for m in means]
-            new = shares_for(speeds, self.state.global_batch, self.minimum)
+            new = shares_for(speeds, self.state.global_batch, self.minimum, multiple=2)
             if new != shares:
                 self.state.shares.assign(new)
 
