@@ -272,17 +272,11 @@ def run_with_busy_core(case, **kwargs):
         busy.wait()
 
 
-def _serve_until_done(case, timeout=1200):
-    """A worker or ps task of an asynchronous case: serve, pinned, until the chief wrote its summary; exit 0."""
+def _serve_until_done(case):
+    """A worker or ps task of an asynchronous case: serve, pinned, until the launcher stops it (the chief is done)."""
     from tfpar import parameter_server
 
-    server = parameter_server.serve(start_only=True)
-    done = os.path.join(case["model_dir"], "summary.json")
-    deadline = time.time() + timeout
-    while not os.path.exists(done) and time.time() < deadline:
-        time.sleep(0.5)
-    del server
-    os._exit(0)  # a tf.distribute.Server cannot be stopped; the chief has finished with it
+    parameter_server.serve()  # blocks; tfpar-launch stops servers once the chief has exited 0
 
 
 def _profile_of(model_dir):
@@ -320,7 +314,7 @@ def stragglers_cases(base, quick):
     straggler as the reference. A small-width ResNet-18 keeps the step
     compute-bound, so what is measured is the wait for the slow worker.
     """
-    one = dict(base, model="resnet18", image=32 if quick else 64, batch=16 if quick else 32, pin=True,
+    one = dict(base, kind="tfpar", model="resnet18", image=32 if quick else 64, batch=16 if quick else 32, pin=True,
                strategy="one_device", steps=4 if quick else 8, warmup_windows=1,
                train_options={"width_multiplier": 0.25})
     two = dict(one, workers=2, strategy="multi_worker", batch=2 * one["batch"])
