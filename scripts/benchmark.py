@@ -423,6 +423,17 @@ def add_ceiling_ratios(cases):
     return cases
 
 
+def straggler_line(result):
+    """'loss 0.594, staleness 0.67, shares [22, 10], warning: ...' for one stragglers case."""
+    times = result.get("worker_times") or {}
+    parts = [f"loss {result['train_loss']:.3f}" if result.get("train_loss") is not None else None,
+             f"staleness {result['staleness']:.2f}" if result.get("staleness") is not None else None,
+             f"shares {times['shares']}" if times.get("balance_batches") else None,
+             f"own step ms {[round(w['step_ms']) for w in times.get('workers', [])]}" if times.get("workers") else None,
+             "warned" if times.get("straggler_warning") else None]
+    return ", ".join(p for p in parts if p)
+
+
 def add_ideal_ratios(cases):
     """Stragglers: each multi-worker case's images/sec over the ideal, the sum of its ``solo`` cases' speeds.
 
@@ -514,6 +525,19 @@ def markdown(report):
             for k, p in enumerate(c.get("profile_rounds") or [c.get("profile", {})]):
                 if "step_ms" in p:
                     profiled.append((name, c["name"] + (f" (round {k + 1})" if c.get("profile_rounds") else ""), p))
+    stragglers = [c for c in report["comparisons"].get("stragglers", []) if "error" not in c]
+    if stragglers:
+        lines += ["", "Stragglers: \"of ceiling\" is of the ideal (the two solo speeds added); the loss is the last "
+                  "window's training loss after the same number of examples; staleness: updates applied between a "
+                  "gradient's weights being read and its own update (asynchronous only).", "",
+                  "| configuration | images/sec | of ideal | loss | staleness | shares (worker 0, 1) |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for c in stragglers:
+            of = f"{c['ratio_to_ceiling']:.2f}" if c.get("ratio_to_ceiling") is not None else ""
+            loss = f"{c['train_loss']:.3f}" if c.get("train_loss") is not None else ""
+            stale = f"{c['staleness']:.2f}" if c.get("staleness") is not None else ""
+            shares = ", ".join(map(str, (c.get("worker_times") or {}).get("shares") or []))
+            lines.append(f"| {c['name']} | {c['images_per_sec']:.1f} | {of} | {loss} | {stale} | {shares} |")
     bubbles = [(name, c) for name, cases in report["comparisons"].items() for c in cases
                if c.get("bubble_theory") is not None]
     if bubbles:
@@ -603,6 +627,8 @@ def main(argv=None):
                     print(f"{label}: {result['images_per_sec']:.1f} images/sec (min {result['spread'][0]:.1f}, "
                           f"max {result['spread'][1]:.1f}; " + ("measured above)" if result.get("reused") else
                                                                 f"{result['wall_sec']} s)"), flush=True)
+                    if name == "stragglers":
+                        print(f"    {straggler_line(result)}", flush=True)
                     if "step_ms" in result.get("profile", {}):
                         from tfpar import trace
 

@@ -120,3 +120,17 @@ def test_the_ideal_is_the_sum_of_the_solo_speeds():
     benchmark.add_ideal_ratios(cases)
     assert cases[1]["ratio_to_ceiling"] == pytest.approx(0.9) and cases[1]["ideal_images_per_sec"] == 15.0
     assert "ratio_to_ceiling" not in cases[0]
+
+
+def test_markdown_lists_the_straggler_cases_with_loss_staleness_and_shares():
+    cases = [case("core 0 alone", [10.0], solo=True),
+             case("balanced", [13.5], workers=2, train_loss=0.5, worker_times={"shares": [22, 10]}),
+             case("async", [12.0], workers=2, train_loss=0.7, staleness=0.69),
+             case("core 1 slowed, alone", [5.0], solo=True)]
+    benchmark.add_ideal_ratios(cases)
+    report = {"machine": {"cpu": "cpu", "gpu": None}, "date": "2026-12-02", "suite": "quick",
+              "versions": {}, "comparisons": {"stragglers": cases}}
+    text = benchmark.markdown(report)
+    assert "| balanced | 13.5 | 0.90 | 0.500 |  | 22, 10 |" in text
+    assert "| async | 12.0 | 0.80 | 0.700 | 0.69 |  |" in text
+    assert benchmark.straggler_line(cases[2]) == "loss 0.700, staleness 0.69"
