@@ -98,8 +98,12 @@ def _pin_to_core():
 def measure(case):
     """Run one case in this process and return {'rates': [...], ...}."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "core" in case:  # a one-worker case on a chosen core (stragglers: the slowed core alone)
+        os.environ["TFPAR_BENCH_COPY"] = str(case["core"])
     if case.get("pin"):
         _pin_to_core()
+    if case.get("ps") and json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {}).get("type") != "chief":
+        _serve_until_done(case)  # a pinned worker or ps server of an asynchronous case; prints no result
     kind = case["kind"]
     if kind == "tfpar":
         return _measure_tfpar(case)
@@ -135,9 +139,15 @@ def _measure_tfpar(case):
             * case["virtual_gpus"])
     config = train.TrainConfig(**options)
     result = train.run(config, print_fn=None)
-    per_epoch = [e["examples_per_sec"] for e in result["throughput"]][case["warmup_windows"]:]
+    epochs = result.get("throughput") or [{"examples_per_sec": r} for r in result.get("epoch_examples_per_sec", [])]
+    per_epoch = [e["examples_per_sec"] for e in epochs][case["warmup_windows"]:]
     out = {"rates": per_epoch, "replicas": result["replicas"], "precision": result["precision"],
            "jit_compile": result.get("jit_compile")}
+    out["train_loss"] = result.get("train_loss")
+    if "worker_times" in result:  # stragglers: per-worker times, the shares reached, the warning
+        out["worker_times"] = result["worker_times"]
+    if result.get("staleness") is not None:
+        out["staleness"] = result["staleness"]
     if "pipeline" in result:
         pipe = result["pipeline"]
         out.update(bubble_measured=pipe["bubble_measured"], bubble_theory=pipe["bubble_theory"],
@@ -208,7 +218,8 @@ def run_case(case, timeout=1200, profile=False):
         copies = case.get("copies", 1)
         argv = [_python_for(case["kind"]), os.path.abspath(__file__), "--_measure"]
         if case.get("workers", 1) > 1:
-            argv = [sys.executable, "-m", "tfpar.launcher", "--workers", str(case["workers"]), "--"] + argv
+            servers = ["--ps", str(case["ps"]), "--servers", "command"] if case.get("ps") else []  # pinned servers
+            argv = [sys.executable, "-m", "tfpar.launcher", "--workers", str(case["workers"])] + servers + ["--"] + argv
         started = time.time()
         procs = []
         for copy in range(copies):
@@ -248,6 +259,26 @@ def run_case(case, timeout=1200, profile=False):
     return out
 
 
+def run_with_busy_core(case, **kwargs):
+    """``run_case`` while a busy process spins on core ``case['busy_core']`` (a straggler's competitor); always killed."""
+    cores = sorted(os.sched_getaffinity(0))
+    core = cores[case["busy_core"] % len(cores)]
+    spin = f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True:\n    pass\n"
+    busy = subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
+    try:
+        return run_case(case, **kwargs)
+    finally:
+        os.killpg(busy.pid, signal.SIGKILL)
+        busy.wait()
+
+
+def _serve_until_done(case):
+    """A worker or ps task of an asynchronous case: serve, pinned, until the launcher stops it (the chief is done)."""
+    from tfpar import parameter_server
+
+    parameter_server.serve()  # blocks; tfpar-launch stops servers once the chief has exited 0
+
+
 def _profile_of(model_dir):
     from tfpar import trace
 
@@ -270,6 +301,33 @@ def summarise(rates, examples):
     median = statistics.median(rates)
     return {"rates": rates, "images_per_sec": median, "spread": [min(rates), max(rates)],
             "windows_measured": len(rates), "step_time_ms": 1000.0 * examples / median}
+
+
+def stragglers_cases(base, quick):
+    """2 one-core workers, worker 1's core shared with a busy process the benchmark starts (``busy_core``).
+
+    Cases: worker 0's core alone and worker 1's slowed core alone (their sum
+    is the ideal), synchronous with ``--balance_batches`` (the target row:
+    >= 0.9 of the ideal), synchronous plain, asynchronous parameter servers
+    (1 ps; the same examples per window, one worker's batch per step; its
+    loss and gradient staleness are reported), and 2 workers with no
+    straggler as the reference. A small-width ResNet-18 keeps the step
+    compute-bound, so what is measured is the wait for the slow worker.
+    """
+    one = dict(base, kind="tfpar", model="resnet18", image=32 if quick else 64, batch=16 if quick else 32, pin=True,
+               strategy="one_device", steps=4 if quick else 8, warmup_windows=1,
+               train_options={"width_multiplier": 0.25})
+    two = dict(one, workers=2, strategy="multi_worker", batch=2 * one["batch"])
+    balanced = dict(one["train_options"], balance_batches=True, balance_every=2 if quick else 4)
+    slow = {"busy_core": 1}
+    return [dict(one, name="resnet18/4 1 worker, core 0, alone", solo=True),
+            dict(two, **slow, name="2 workers, worker 1 slowed, synchronous --balance_batches", train_options=balanced),
+            dict(two, **slow, name="2 workers, worker 1 slowed, synchronous"),
+            dict(one, **slow, name="2 workers, worker 1 slowed, asynchronous parameter servers", workers=2, ps=1,
+                 strategy="parameter_server", steps=2 * one["steps"]),
+            dict(two, name="2 workers, no straggler (reference)"),
+            dict(one, **slow, core=1, name="resnet18/4 1 worker, core 1 shared with the busy process, alone",
+                 solo=True)]
 
 
 def suites(name):
@@ -335,6 +393,7 @@ def suites(name):
         # One stage per process vs data parallel on the same 2 one-core processes and global batch:
         # the pipeline sends activations at one cut; data parallel all-reduces every gradient (ratios per process).
         "pipeline_vs_data_parallel": [c for model in ("vgg16_bn", "resnet50") for c in _stage_vs_data(model, quick)],
+        "stragglers": stragglers_cases(base, quick),
         "precision": [dict(r50, name="resnet50 float32", kind="tfpar"),
                       dict(r50, name="resnet50 mixed_bfloat16", kind="tfpar", precision="mixed_bfloat16")],
         "xla": [dict(r18, name="resnet18 mirrored x2, jit off", kind="tfpar", strategy="mirrored", virtual_cpus=2,
@@ -361,7 +420,8 @@ def _stage_vs_data(model, quick):
 
 
 TARGETS = {"tfpar_vs_keras": 0.98, "keras3_vs_tf_keras": 1.0, "scaling_plain": 0.75, "scaling": 0.9}
-CEILING_TARGETS = {"scaling": 0.95}  # of the machine's own ceiling (two copies that never communicate)
+CEILING_TARGETS = {"scaling": 0.95, "stragglers": 0.9}  # of the machine's own ceiling (two copies that never
+# communicate; for stragglers the ideal: the two workers' solo speeds added, add_ideal_ratios)
 # Small differences on a noisy VM: A B A B, the median of the per-round ratios (0.82-1.02 in single runs).
 ROUNDS = {"tfpar_vs_keras": 2, "keras3_vs_tf_keras": 2}
 
@@ -389,6 +449,34 @@ def _baseline(case, cases):
 
 def _is_baseline(case, cases):
     return _baseline(case, cases).get("name") == case.get("name")
+
+
+def straggler_line(result):
+    """'loss 0.594, staleness 0.67, shares [22, 10], warning: ...' for one stragglers case."""
+    times = result.get("worker_times") or {}
+    parts = [f"loss {result['train_loss']:.3f}" if result.get("train_loss") is not None else None,
+             f"staleness {result['staleness']:.2f}" if result.get("staleness") is not None else None,
+             f"shares {times['shares']}" if times.get("balance_batches") else None,
+             f"own step ms {[round(w['step_ms']) for w in times.get('workers', [])]}" if times.get("workers") else None,
+             "warned" if times.get("straggler_warning") else None]
+    return ", ".join(p for p in parts if p)
+
+
+def add_ideal_ratios(cases):
+    """Stragglers: each multi-worker case's images/sec over the ideal, the sum of its ``solo`` cases' speeds.
+
+    The ideal is what two workers of those speeds give when neither waits for
+    the other; it is reported as ``ratio_to_ceiling`` (the "of ceiling" column).
+    """
+    solos = [c for c in cases if c.get("solo")]
+    if len(solos) < 2 or any("error" in c for c in solos):
+        return cases
+    ideal = sum(c["images_per_sec"] for c in solos)
+    for c in cases:
+        if c.get("workers", 1) > 1 and "error" not in c:
+            c["ratio_to_ceiling"] = c["images_per_sec"] / ideal
+            c["ideal_images_per_sec"] = ideal
+    return cases
 
 
 def merge_rounds(rounds):
@@ -465,6 +553,19 @@ def markdown(report):
             for k, p in enumerate(c.get("profile_rounds") or [c.get("profile", {})]):
                 if "step_ms" in p:
                     profiled.append((name, c["name"] + (f" (round {k + 1})" if c.get("profile_rounds") else ""), p))
+    stragglers = [c for c in report["comparisons"].get("stragglers", []) if "error" not in c]
+    if stragglers:
+        lines += ["", "Stragglers: \"of ceiling\" is of the ideal (the two solo speeds added); the loss is the last "
+                  "window's training loss after the same number of examples; staleness: updates applied between a "
+                  "gradient's weights being read and its own update (asynchronous only).", "",
+                  "| configuration | images/sec | of ideal | loss | staleness | shares (worker 0, 1) |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for c in stragglers:
+            of = f"{c['ratio_to_ceiling']:.2f}" if c.get("ratio_to_ceiling") is not None else ""
+            loss = f"{c['train_loss']:.3f}" if c.get("train_loss") is not None else ""
+            stale = f"{c['staleness']:.2f}" if c.get("staleness") is not None else ""
+            shares = ", ".join(map(str, (c.get("worker_times") or {}).get("shares") or []))
+            lines.append(f"| {c['name']} | {c['images_per_sec']:.1f} | {of} | {loss} | {stale} | {shares} |")
     bubbles = [(name, c) for name, cases in report["comparisons"].items() for c in cases
                if c.get("bubble_theory") is not None]
     if bubbles:
@@ -544,7 +645,7 @@ def main(argv=None):
                 if key in done and name not in ROUNDS:
                     result = dict(done[key], name=case["name"], reused=True)
                 else:
-                    result = run_case(case, profile=args.profile)
+                    result = (run_with_busy_core if "busy_core" in case else run_case)(case, profile=args.profile)
                     done[key] = result
                 measured.append(result)
                 label = f"  {case['name']}" + (f" (round {round_index + 1})" if name in ROUNDS else "")
@@ -554,12 +655,14 @@ def main(argv=None):
                     print(f"{label}: {result['images_per_sec']:.1f} images/sec (min {result['spread'][0]:.1f}, "
                           f"max {result['spread'][1]:.1f}; " + ("measured above)" if result.get("reused") else
                                                                 f"{result['wall_sec']} s)"), flush=True)
+                    if name == "stragglers":
+                        print(f"    {straggler_line(result)}", flush=True)
                     if "step_ms" in result.get("profile", {}):
                         from tfpar import trace
 
                         print(f"    profile: {trace.describe(result['profile'])}", flush=True)
             rounds.append(measured)
-        merged = add_ceiling_ratios(merge_rounds(rounds))
+        merged = add_ideal_ratios(add_ceiling_ratios(merge_rounds(rounds)))
         report["comparisons"][name] = merged
         report["ratios"][name] = merged[1].get("ratio") if len(merged) > 1 else None
         for c in merged[1:]:

@@ -117,3 +117,41 @@ def test_a_comparison_of_two_models_reads_each_against_its_own_first_case():
                                     case("b 1", [4.0], model="b"), case("b 2", [6.0], model="b", workers=2)]])
     assert "ratio" not in rows[0] and "ratio" not in rows[2]
     assert rows[1]["ratio"] == pytest.approx(0.8) and rows[3]["ratio"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("suite", ["default", "quick"])
+def test_stragglers_has_the_four_cases_and_the_two_solo_speeds(suite):
+    cases = benchmark.suites(suite)["stragglers"]
+    solo = [c for c in cases if c.get("solo")]
+    assert [c.get("core", 0) for c in solo] == [0, 1] and "busy_core" in solo[1] and "busy_core" not in solo[0]
+    two = [c for c in cases if c.get("workers") == 2]
+    slowed = [c for c in two if "busy_core" in c]
+    assert len(two) == 4 and len(slowed) == 3  # balanced, plain, asynchronous; the reference has no straggler
+    balanced, plain, ps = slowed
+    assert balanced["train_options"]["balance_batches"] and "balance_batches" not in plain["train_options"]
+    assert ps["strategy"] == "parameter_server" and ps["ps"] == 1
+    # the same examples per window: a parameter-server step is one worker's batch
+    assert ps["steps"] * benchmark.examples_per_step(ps) == plain["steps"] * benchmark.examples_per_step(plain)
+    assert benchmark.examples_per_step(plain) == 2 * benchmark.examples_per_step(solo[0])
+
+
+def test_the_ideal_is_the_sum_of_the_solo_speeds():
+    cases = [case("core 0 alone", [10.0], solo=True), case("balanced", [13.5], workers=2),
+             case("core 1 slowed, alone", [5.0], solo=True)]
+    benchmark.add_ideal_ratios(cases)
+    assert cases[1]["ratio_to_ceiling"] == pytest.approx(0.9) and cases[1]["ideal_images_per_sec"] == 15.0
+    assert "ratio_to_ceiling" not in cases[0]
+
+
+def test_markdown_lists_the_straggler_cases_with_loss_staleness_and_shares():
+    cases = [case("core 0 alone", [10.0], solo=True),
+             case("balanced", [13.5], workers=2, train_loss=0.5, worker_times={"shares": [22, 10]}),
+             case("async", [12.0], workers=2, train_loss=0.7, staleness=0.69),
+             case("core 1 slowed, alone", [5.0], solo=True)]
+    benchmark.add_ideal_ratios(cases)
+    report = {"machine": {"cpu": "cpu", "gpu": None}, "date": "2026-12-02", "suite": "quick",
+              "versions": {}, "comparisons": {"stragglers": cases}}
+    text = benchmark.markdown(report)
+    assert "| balanced | 13.5 | 0.90 | 0.500 |  | 22, 10 |" in text
+    assert "| async | 12.0 | 0.80 | 0.700 | 0.69 |  |" in text
+    assert benchmark.straggler_line(cases[2]) == "loss 0.700, staleness 0.69"

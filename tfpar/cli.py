@@ -82,6 +82,15 @@ _HELP = {
                "(layer names after which stages end).",
     "pipeline_replicas": "Copies of the pipeline (data parallel over stages x copies devices); each stage's "
                          "gradients are summed over its copies.",
+    "worker_times": "Under mirrored/multi_worker: time every replica's step (input wait, compute, wait in the "
+                    "gradient collectives) with one tiny all-gather per step; TensorBoard "
+                    "model_dir/workers_timing/<worker>, summary.json worker_times, and one warning naming a "
+                    "worker whose own step time stays above 1.25x the median.",
+    "balance_batches": "Under mirrored/multi_worker: give each replica a share of the global batch proportional "
+                       "to its measured speed, re-measured every --balance_every steps; the update is still one "
+                       "global batch's (same batch, same learning rate). Every worker reads the whole batch.",
+    "balance_every": "Steps per measurement window of --worker_times (and per re-balance with --balance_batches).",
+    "balance_min_fraction": "With --balance_batches: the smallest share, as a fraction of an even share.",
     "seed": "Random seed for weights, shuffling and augmentation.",
     "verbose": "Progress on the chief (every worker with --log_all_workers). Unset: one line per epoch, plus "
                "Keras's progress bar inside epochs longer than 5 s when one process prints to a terminal; "

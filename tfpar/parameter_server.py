@@ -341,6 +341,8 @@ def run_config(config, cluster_info, print_fn=print, num_ps_shards=None, min_sha
         "val_loss": float(final["loss"]) if final else None,
         "val_accuracy": float(final["accuracy"]) if final else None,
         "examples_per_sec": float(np.median(rates)) if rates else None,
+        "epoch_examples_per_sec": rates,
+        "staleness": ps_fit.mean_staleness(model),  # updates between a gradient's weights and its own update
         "weights_sha256": summary.weights_checksum(model),
         "variable_placement": variable_placement(model),
     }

@@ -198,6 +198,7 @@ def _train_function(model, steps):
 
     strategy = model.distribute_strategy
     default_step = _uses_default_train_step(model)
+    updates, stale = staleness_counters(model)
 
     def replica_step(data):
         initial = [m.stateless_reset_state() for m in _tracked_metrics(model)]
@@ -205,12 +206,15 @@ def _train_function(model, steps):
             model.train_step(data)  # a custom step keeps Keras's stateful metrics
             return [[tf.zeros_like(v) for v in state] for state in initial]
         x, y, sample_weight = _unpack(data)
-        with tf.GradientTape() as tape:
+        seen = updates.read_value()  # updates applied before this step reads the weights
+        with tf.control_dependencies([seen]), tf.GradientTape() as tape:
             y_pred = model(x, training=True)
             loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
             scaled = model.optimizer.scale_loss(loss)
         weights = model.trainable_weights
         grads = parameter_server._gradients(tape, scaled, weights)  # partitioned weights too
+        with tf.control_dependencies([g for g in grads if g is not None]):  # counted as its update is applied
+            stale.assign_add(updates.assign_add(1, read_value=True) - 1 - seen)
         model.optimizer.apply_gradients(zip(grads, weights))
         new = _update_states(model, initial, x, y, y_pred, sample_weight, loss)
         return [[n - i for n, i in zip(ns, si)] for ns, si in zip(new, initial)]
@@ -225,6 +229,30 @@ def _train_function(model, steps):
         return total
 
     return function
+
+
+def staleness_counters(model):
+    """Two int64 variables on the ps tasks: updates applied, and the summed staleness of their gradients.
+
+    A gradient's staleness is how many other updates were applied between
+    its step reading the weights and its own update (0 when no other worker
+    updated in between). ``assign_add`` is atomic on the variable, so the
+    counts are exact where Keras's ``iterations`` loses increments.
+    """
+    import tensorflow as tf
+
+    def make():
+        with model.distribute_strategy.scope():
+            return (tf.Variable(0, dtype=tf.int64, trainable=False, name="tfpar_updates"),
+                    tf.Variable(0, dtype=tf.int64, trainable=False, name="tfpar_staleness_sum"))
+
+    return _cached(model, "staleness", make)
+
+
+def mean_staleness(model):
+    """The mean staleness of the gradients applied so far (None before any default-step update)."""
+    updates, stale = (int(v.numpy()) for v in staleness_counters(model))
+    return stale / updates if updates else None
 
 
 def _test_function(model):

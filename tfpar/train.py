@@ -86,6 +86,11 @@ class TrainConfig:
     schedule: str = "1f1b"
     balance: str = "time"
     pipeline_replicas: int = 1
+    # stragglers (tfpar.stragglers): every replica's times; batches balanced by measured speed
+    worker_times: bool = True
+    balance_batches: bool = False
+    balance_every: int = 20
+    balance_min_fraction: float = 0.25
     seed: int = 0
     verbose: int | None = None  # None: tfpar.callbacks picks a progress bar or one line per epoch
     # fault tolerance (tfpar.backup, tfpar.preemption)
@@ -171,7 +176,24 @@ class TrainConfig:
             from tfpar.pipeline import driver
 
             driver.check(self)
+        self._validate_balance()
         return self
+
+    def _validate_balance(self):
+        if not isinstance(self.balance_every, int) or isinstance(self.balance_every, bool) or self.balance_every < 1:
+            raise ValueError(f"balance_every must be a positive number of steps, got {self.balance_every!r}.")
+        if not 0 < self.balance_min_fraction <= 1:
+            raise ValueError(f"balance_min_fraction must be in (0, 1] (of an even share), "
+                             f"got {self.balance_min_fraction!r}.")
+        if not self.balance_batches:
+            return
+        if self.strategy not in ("mirrored", "multi_worker"):
+            raise ValueError(f"balance_batches works with strategy mirrored or multi_worker, got {self.strategy!r}.")
+        for name, ok, fix in (("grad_accum_steps", self.grad_accum_steps == 1, "1"),
+                              ("steps_per_execution", self.steps_per_execution == 1, "1"),
+                              ("jit_compile", self.jit_compile != "on", "auto or off")):
+            if not ok:
+                raise ValueError(f"balance_batches needs {name}={fix}, got {getattr(self, name)!r}.")
 
     def _validate_fault_tolerance(self):
         from tfpar import backup
@@ -302,7 +324,7 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     import keras
     import tensorflow as tf
 
-    from tfpar import all_reduce, backup, callbacks, precision, preemption, steps, strategies, summary, xla
+    from tfpar import all_reduce, backup, callbacks, precision, preemption, steps, stragglers, strategies, summary, xla
 
     # Fault tolerance: refuse a foreign or damaged backup before anything is written,
     # and never wait forever for peers that do not come up.
@@ -321,8 +343,10 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     keras.utils.set_random_seed(config.seed)
 
     resume_step = backup_cb.resume.step if backup_cb is not None and backup_cb.resume is not None else 0
-    readers = 1 if pipelined else info.num_workers  # a pipeline's one client (the chief) reads every batch
-    pipes = data.make(config, global_batch, source, num_workers=readers, worker_index=info.task_index,
+    balanced = config.balance_batches  # every worker reads the whole global stream and slices it (tfpar.stragglers)
+    readers = 1 if pipelined or balanced else info.num_workers  # a pipeline's one client (the chief) reads every batch
+    pipes = data.make(config, global_batch, source, num_workers=readers,
+                      worker_index=info.task_index if readers > 1 else 0,
                       micro_batches=accum, skip_batches=resume_step)  # resumes at the backup's exact example
     jit = False if pipelined else resolve_jit_compile(config.jit_compile, strategy)
     with strategy.scope():
@@ -347,6 +371,11 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     if pipelined:
         cbs.extend(pipeline_driver.callbacks(config, model_dir))  # in a cluster, --profile_steps traces every task
     train_ds = pipes.train
+    timing = _worker_times(config, model, strategy, global_batch, info, model_dir, print_fn if chief else None)
+    if timing is not None:
+        cbs.append(timing)
+        if balanced:
+            train_ds = stragglers.distribute(strategy, train_ds)
     if backup_cb is not None:
         if pipelined:
             backup_cb.io_device = pipeline_driver.io_device(config)  # remote stages' files on the chief's disk
@@ -410,7 +439,32 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
         "throughput": throughput.epochs,  # per epoch: examples_per_sec, step_time_ms, steps
         "weights_sha256": summary.weights_checksum(model),
         **({"pipeline": pipeline_driver.summary(config, model, model_dir)} if pipelined else {}),
+        **({"worker_times": timing.report()} if timing is not None else {}),
     }
+
+
+def _worker_times(config, model, strategy, global_batch, info, model_dir, print_fn):
+    """``tfpar.stragglers``: the timed (and with balance_batches, sliced) step and its callback, or None."""
+    from tfpar import stragglers
+
+    reason = "pipeline stages time themselves (tfpar.pipeline)" if config.strategy == "pipeline" else \
+        stragglers.supported(model)
+    if reason and config.balance_batches:
+        raise ValueError(f"balance_batches cannot be used here: {reason}.")
+    if reason or not (config.worker_times or config.balance_batches):
+        return None
+    state = stragglers.enable(model, global_batch, balance=config.balance_batches)
+    replicas = strategy.num_replicas_in_sync
+    local = max(1, replicas // max(1, info.num_workers))
+    if info.num_workers > 1:
+        names = [f"worker {i // local}" + (f" replica {i % local}" if local > 1 else "") for i in range(replicas)]
+    else:
+        names = [f"replica {i}" for i in range(replicas)]
+    return stragglers.WorkerTimes(
+        state, names, every=config.balance_every,
+        minimum=stragglers.minimum_share(global_batch, replicas, config.balance_min_fraction),
+        log_dir=os.path.join(model_dir, "workers_timing") if config.tensorboard and info.is_chief else None,
+        print_fn=print_fn)
 
 
 def training_loop(strategy_name):
