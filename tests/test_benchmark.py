@@ -105,7 +105,7 @@ def test_pipeline_vs_data_parallel_runs_both_models_on_the_same_two_pinned_proce
     for one, plain, accumulated, piped in (cases[:4], cases[4:]):
         assert one.get("workers", 1) == 1 and all(c["pin"] for c in (one, plain, accumulated, piped))
         assert plain["workers"] == accumulated["workers"] == piped["workers"] == 2
-        assert plain["batch"] == piped["batch"] == 2 * one["batch"]  # the same global batch per step
+        assert plain["batch"] == 2 * one["batch"] and piped["batch"] == 8 * one["batch"]  # micro-batches of one batch
         assert accumulated["train_options"]["all_reduce_dtype"] == "bfloat16"
         assert accumulated["train_options"]["grad_accum_steps"] > 1
         assert piped["strategy"] == "pipeline" and piped["train_options"]["micro_batches"] == 8

@@ -41,6 +41,22 @@ def _model():
     return model
 
 
+def _embedding_model():
+    """Integer inputs through an Embedding: its gradient is sparse (``IndexedSlices``)."""
+    import keras
+
+    keras.utils.set_random_seed(4)
+    model = keras.Sequential([keras.Input((5,), dtype="int32"), keras.layers.Embedding(12, 3), keras.layers.Flatten(),
+                              keras.layers.Dense(4, activation="softmax")])
+    model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+    return model
+
+
+def _embedding_data():
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 12, (3 * GLOBAL, 5)).astype("int32"), rng.integers(0, 4, 3 * GLOBAL)
+
+
 def _weights(model):
     return np.concatenate([w.ravel() for w in model.get_weights()]).tolist()
 
@@ -55,16 +71,24 @@ def reference():
     return {"weights": _weights(model), "loss": history.history["loss"], "accuracy": history.history["accuracy"]}
 
 
-def balanced(strategy, shares, callbacks=(), steps=None, batch=GLOBAL):
+def embedding_reference():
+    import tensorflow as tf
+
+    model = _embedding_model()
+    model.fit(tf.data.Dataset.from_tensor_slices(_embedding_data()).batch(GLOBAL), epochs=1, verbose=0, shuffle=False)
+    return {"weights": _weights(model)}
+
+
+def balanced(strategy, shares, callbacks=(), steps=None, batch=GLOBAL, make=_model, data=_data):
     import tensorflow as tf
 
     from tfpar import all_reduce, stragglers
 
     with strategy.scope():
-        model = _model()
+        model = make()
     all_reduce.buckets(model, 0.001)  # tfpar's bucketed sums, as tfpar-train uses by default
     state = stragglers.enable(model, batch, balance=True, shares=shares)
-    x, y = _data()
+    x, y = data()
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     ds = ds.repeat().batch(batch) if steps else ds.batch(batch)
     history = model.fit(stragglers.distribute(strategy, ds), epochs=1, steps_per_epoch=steps or 3, verbose=0,
@@ -114,6 +138,8 @@ def _scenarios():
     model, _, history = balanced(mirrored, UNEQUAL)
     out["balanced"] = {"weights": _weights(model), "loss": history.history["loss"],
                        "accuracy": history.history["accuracy"]}
+    model, _, _ = balanced(mirrored, UNEQUAL, make=_embedding_model, data=_embedding_data)
+    out["embedding"] = {"weights": _weights(model), "reference": embedding_reference()["weights"]}
     out["even"] = timed(mirrored, "*:2")  # both replicas busy alike (2 ms per example)
     out["slow"] = timed(mirrored, "1:4")
     out["rebalanced"] = timed(mirrored, "1:4", every=2, balance=True, steps=16, batch=32)
@@ -195,6 +221,12 @@ def test_unequal_shares_on_two_logical_cpus_give_one_global_batchs_update(mirror
     np.testing.assert_allclose(got["weights"], ref["weights"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
     np.testing.assert_allclose(got["accuracy"], ref["accuracy"], rtol=1e-6)
+
+
+def test_sparse_embedding_gradients_are_balanced_too(mirrored):
+    got, ref = mirrored["embedding"]["weights"], mirrored["embedding"]["reference"]
+    assert np.abs(np.float32(ref) - np.float32(_weights(_embedding_model()))).max() > 1e-3  # it trained
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def _initial_weights():

@@ -199,7 +199,6 @@ def train_step(model, step_fn):
         state, updated = state_of(model), {}
         losses, predictions, summed = [], [], None
         for part in _split((x, y, sample_weight), count):
-            part = _after(summed, part)
             (loss, y_pred, grads), updates = step_fn(state, *part)
             state.update(updates)
             updated.update(updates)
@@ -270,21 +269,6 @@ def _split(batch, count):
                              f"make the batch a multiple of {count}.")
     pieces = [tf.split(leaf, count, axis=0) if leaf is not None else [None] * count for leaf in leaves]
     return [tf.nest.pack_sequence_as(batch, [p[i] for p in pieces]) for i in range(count)]
-
-
-def _after(grads, part):
-    """``part`` usable only once ``grads`` exist: micro-batches run one after another, not all forwards first.
-
-    Without the chain TensorFlow's executor may run every micro-batch's
-    forward pass before any backward, holding all their activations at once,
-    and finish the last gradients only at the very end, so their bucketed
-    all-reduces would overlap nothing.
-    """
-    ready = [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads or [] if g is not None]
-    if not ready:
-        return part
-    with tf.control_dependencies(ready):
-        return tf.nest.map_structure(lambda t: None if t is None else tf.identity(t), part)
 
 
 def _add(a, b):

@@ -144,6 +144,15 @@ def _nap(handle, ms):
     return tf.ensure_shape(tf.py_function(_sleep, [ms], tf.float32), [])  # a known shape: gradients stay packable
 
 
+def _scaled(grad, factor):
+    """``grad * factor``, for dense gradients and for the sparse ones of embeddings (``IndexedSlices``)."""
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(grad.values * tf.cast(factor, grad.dtype), grad.indices, grad.dense_shape)
+    return grad * tf.cast(factor, grad.dtype)
+
+
 def train_step(model, state):
     """tfpar's step (``tfpar.steps``) with the replica's times recorded and, when balancing, its slice."""
     from keras.src.losses import loss as loss_module
@@ -169,7 +178,7 @@ def train_step(model, state):
         (loss, y_pred, grads), updates = forward_backward(steps.state_of(model), x, y, sample_weight)
         if state.balance:  # the slice's mean / replicas -> the slice's sum / global batch
             factor = examples * (state.replicas / state.global_batch)
-            grads = [None if g is None else g * tf.cast(factor, g.dtype) for g in grads]
+            grads = [_scaled(g, factor) for g in grads]
         if state.slow is not None:  # test-only seam: this replica sleeps per example before its gradients are ready
             chosen = tf.logical_or(tf.equal(replica, state.slow[0]), state.slow[0] < 0)
             ms = tf.where(chosen, examples * state.slow[1], 0.0)
@@ -178,7 +187,7 @@ def train_step(model, state):
             grads = [None if g is None else g + tf.cast(slept, g.dtype) * 0 for g in grads]
         variables = model.variables  # static shapes, lost by slicing: collectives pack only known shapes
         updates = {k: tf.ensure_shape(v, variables[int(k)].shape) for k, v in updates.items()}
-        grads = [None if g is None or isinstance(g, tf.IndexedSlices) else tf.ensure_shape(g, w.shape)
+        grads = [g if g is None or isinstance(g, tf.IndexedSlices) else tf.ensure_shape(g, w.shape)
                  for g, w in zip(grads, model.trainable_weights)]
         steps.assign(model, updates)
         optimizer = model.optimizer
