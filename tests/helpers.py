@@ -64,3 +64,15 @@ def event_scalars(log_dir):
                             continue  # Keras also writes the model config as text
                         found.setdefault(value.tag, []).append(float(tf.make_ndarray(value.tensor)))
     return found
+
+
+def write_worker_result(out_dir, task, result):
+    """A worker script's ``result`` as ``out_dir/<type>-<index>.json``, written whole (temp name, then rename)."""
+    import json
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{task['type']}-{task['index']}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+    print("worker finished", flush=True)

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
+from helpers import write_worker_result  # noqa: E402
 from tfpar import all_reduce, precision, steps, strategies, xla  # noqa: E402
 
 BUCKET_MB = 0.001  # ~1 KB: the net below (about 3,600 float32 weights) gets several buckets
@@ -79,12 +80,7 @@ def main(out_dir):
     strategy = strategies.create("multi_worker")
     task = json.loads(os.environ["TF_CONFIG"])["task"]
     results = {name: fit(strategy, task["index"], *config) for name, config in CONFIGS.items()}
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{task['type']}-{task['index']}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f)
-    os.replace(path + ".tmp", path)
-    print("worker finished", flush=True)
+    write_worker_result(out_dir, task, results)
 
 
 if __name__ == "__main__":

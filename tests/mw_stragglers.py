@@ -14,6 +14,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import test_stragglers as t  # noqa: E402
+from helpers import write_worker_result  # noqa: E402
 from tfpar import strategies  # noqa: E402
 
 
@@ -29,12 +30,7 @@ def main(out_dir):
     slow = t.timed(strategy, "1:4", names=["worker 0", "worker 1"], print_fn=print if chief else None)
     result.update(even_warning=even["straggler_warning"], slow_warning=slow["straggler_warning"],
                   slow_workers=slow["workers"])
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{task['type']}-{task['index']}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(path + ".tmp", path)
-    print("worker finished", flush=True)
+    write_worker_result(out_dir, task, result)
 
 
 if __name__ == "__main__":
