@@ -5,6 +5,7 @@ The run is Keras ``fit`` on the pipelined model under TF's default strategy
 step, split into ``--micro_batches`` x ``--pipeline_replicas`` micro-batches.
 """
 
+import collections
 import logging
 import os
 
@@ -12,6 +13,11 @@ from tfpar.pipeline import tasks
 
 log = logging.getLogger("tfpar")
 _CLUSTER = {}  # id(config) -> (stage devices, tasks.Heartbeat) once strategy() connected to a cluster
+
+
+def _cluster(config):
+    """``(stage devices, heartbeat)`` of a run connected to a cluster's tasks, else ``(None, None)``."""
+    return _CLUSTER.get(id(config), (None, None))
 
 
 def check(config):
@@ -71,7 +77,7 @@ def split(config, model, global_batch, print_fn=print):
     """``model`` pipelined as the flags say (on the cluster's tasks after ``strategy`` connected to them)."""
     from tfpar import pipeline
 
-    devices = _CLUSTER.get(id(config), (None, None))[0]
+    devices, _ = _cluster(config)
     return pipeline.split(model, stages=config.stages, micro_batches=config.micro_batches,
                           schedule=config.schedule, balance=config.balance, replicas=config.pipeline_replicas,
                           devices=devices, batch_size=global_batch, print_fn=print_fn)
@@ -79,22 +85,22 @@ def split(config, model, global_batch, print_fn=print):
 
 def io_device(config):
     """In a cluster, the chief's CPU: every stage's checkpoint file IO happens there (``None`` in one process)."""
-    devices = _CLUSTER.get(id(config), (None, None))[0]
+    devices, _ = _cluster(config)
     return f"/job:{tasks.JOB}/replica:0/task:0/device:CPU:0" if devices else None
 
 
 def callbacks(config, model_dir):
     """In a cluster with ``--profile_steps``: the callback that traces the stage tasks too."""
-    devices = _CLUSTER.get(id(config), (None, None))[0]
+    devices, heartbeat = _cluster(config)
     traced = config.profile_range() if config.tensorboard else None
     if not devices or not traced:
         return []
-    return [tasks.StageTrace(_CLUSTER[id(config)][1].info, os.path.join(model_dir, tasks.STAGE_TRACES), traced)]
+    return [tasks.StageTrace(heartbeat.info, os.path.join(model_dir, tasks.STAGE_TRACES), traced)]
 
 
 def stages_stay(config):
     """Around ``fit``: in a cluster, a lost stage task ends the run with one line and exit 69 (``tasks``)."""
-    return tasks.stages_stay(_CLUSTER.get(id(config), (None, None))[1])
+    return tasks.stages_stay(_cluster(config)[1])
 
 
 def summary(config, model, model_dir, step_ms=None):
@@ -125,8 +131,4 @@ def summary(config, model, model_dir, step_ms=None):
 
 
 def _count_devices(variables):
-    counts = {}
-    for variable in variables:
-        device = getattr(variable, "value", variable).device
-        counts[device] = counts.get(device, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(collections.Counter(getattr(v, "value", v).device for v in variables).items()))
