@@ -6,15 +6,15 @@ from pathlib import Path
 from setuptools import setup
 
 HERE = Path(__file__).parent
-VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "tfpar" / "__init__.py").read_text()).group(1)
+VERSION = re.search(r'__version__ = "([^"]+)"', (HERE / "tfpar" / "core" / "versions.py").read_text()).group(1)
 
-# The supported range lives in tfpar/versions.py (CI tests both ends, .ci/run).
+# The supported range lives in tfpar/core/versions.py (CI tests both ends, .ci/run).
 # TensorFlow is not a plain requirement: tensorflow, tensorflow-tpu (TPU VMs)
 # and tensorflow[and-cuda] are different distributions of the same package,
 # so the extras below pick one and `pip install tfpar` beside an installed
 # TensorFlow (a TPU VM's tensorflow-tpu, Colab's tensorflow) keeps that one.
 # tfpar refuses to start, naming the versions, when none is in range.
-VERSIONS_PY = (HERE / "tfpar" / "versions.py").read_text()
+VERSIONS_PY = (HERE / "tfpar" / "core" / "versions.py").read_text()
 
 
 def _requirement(name):
@@ -47,7 +47,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["tfpar", "tfpar.sharding", "tfpar.pipeline", "tfpar.models"],
+    packages=["tfpar", "tfpar.core", "tfpar.step", "tfpar.kerasfix", "tfpar.runtime", "tfpar.parallel",
+              "tfpar.parallel.pipeline", "tfpar.parallel.sharding", "tfpar.run", "tfpar.models"],
     package_dir={"tfpar": "tfpar", "tfpar.models": "models"},
     install_requires=INSTALL_REQUIRES,
     extras_require={
@@ -61,8 +62,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "tfpar-train=tfpar.cli:run_main",
-            "tfpar-launch=tfpar.launcher:main",
+            "tfpar-train=tfpar.run.cli:run_main",
+            "tfpar-launch=tfpar.runtime.launcher:main",
         ]
     },
     classifiers=[

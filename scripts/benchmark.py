@@ -112,7 +112,7 @@ def measure(case):
 
 def _measure_tfpar(case):
     """The tfpar-train path: TrainConfig -> train.run on synthetic data."""
-    from tfpar import train
+    from tfpar.run import driver as train
 
     windows = case["windows"] + case["warmup_windows"]
     options = dict(
@@ -205,7 +205,7 @@ def run_case(case, timeout=1200, profile=False):
     """Measure ``case`` in a fresh process (or as 2 workers) and summarise its windows.
 
     ``profile`` also traces the last timed epoch's steps 3-4 from its end (on
-    the chief) and adds ``profile``: ``tfpar.trace.step_breakdown`` of it.
+    the chief) and adds ``profile``: ``tfpar.core.trace.step_breakdown`` of it.
     A ``ceiling`` case runs ``copies`` independent processes of the case at
     the same time, each on its own core, that never communicate: its rate is
     their sum, what the machine gives with every core busy and nothing sent.
@@ -219,7 +219,7 @@ def run_case(case, timeout=1200, profile=False):
         argv = [_python_for(case["kind"]), os.path.abspath(__file__), "--_measure"]
         if case.get("workers", 1) > 1:
             servers = ["--ps", str(case["ps"]), "--servers", "command"] if case.get("ps") else []  # pinned servers
-            argv = [sys.executable, "-m", "tfpar.launcher", "--workers", str(case["workers"])] + servers + ["--"] + argv
+            argv = [sys.executable, "-m", "tfpar.runtime.launcher", "--workers", str(case["workers"])] + servers + ["--"] + argv
         started = time.time()
         procs = []
         for copy in range(copies):
@@ -274,13 +274,13 @@ def run_with_busy_core(case, **kwargs):
 
 def _serve_until_done(case):
     """A worker or ps task of an asynchronous case: serve, pinned, until the launcher stops it (the chief is done)."""
-    from tfpar import parameter_server
+    from tfpar.parallel import parameter_server
 
     parameter_server.serve()  # blocks; tfpar-launch stops servers once the chief has exited 0
 
 
 def _profile_of(model_dir):
-    from tfpar import trace
+    from tfpar.core import trace
 
     paths = trace.find(model_dir)
     if not paths:
@@ -585,7 +585,7 @@ def markdown(report):
             stage_ms = ", ".join(f"{ms:.0f}" for ms in c.get("stage_ms") or [] if ms is not None)
             lines.append(f"| {name} | {c['name']} | {measured} | {c['bubble_theory']:.2f} | {stage_ms} |")
     if profiled:
-        lines += ["", "Where a step's time goes (`--profile`: a trace of 2 steps on the chief, `tfpar.trace`; "
+        lines += ["", "Where a step's time goes (`--profile`: a trace of 2 steps on the chief, `tfpar.core.trace`; "
                   "ms per step):", "",
                   "| comparison | configuration | step | compute | exposed | all-reduce busy | overlap |",
                   "|---|---|---:|---:|---:|---:|---:|"]
@@ -665,7 +665,7 @@ def main(argv=None):
                     if name == "stragglers":
                         print(f"    {straggler_line(result)}", flush=True)
                     if "step_ms" in result.get("profile", {}):
-                        from tfpar import trace
+                        from tfpar.core import trace
 
                         print(f"    profile: {trace.describe(result['profile'])}", flush=True)
             rounds.append(measured)
@@ -682,7 +682,7 @@ def main(argv=None):
     add_mfu(report["comparisons"], info)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{(info['gpu'] or 'cpu').replace(' ', '_')}-{info['cores']}core-{report['date']}")
-    from tfpar.summary import write_json_atomic
+    from tfpar.core.summary import write_json_atomic
 
     write_json_atomic(stem + ".json", report)
     with open(stem + ".md.tmp", "w") as f:

@@ -3,7 +3,7 @@
 
 import sys
 
-from tfpar.launcher import main
+from tfpar.runtime.launcher import main
 
 if __name__ == "__main__":
     sys.exit(main())

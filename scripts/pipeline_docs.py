@@ -22,7 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def tables(stages=4):
-    from tfpar import models, pipeline
+    from tfpar import models
+    from tfpar.parallel import pipeline
 
     out = []
     for name in ("vgg16", "resnet50"):
@@ -42,8 +43,8 @@ def tables(stages=4):
 
 
 def timeline(path):
-    from tfpar import trace
-    from tfpar.pipeline import timeline as timeline_lib
+    from tfpar.core import trace
+    from tfpar.parallel.pipeline import timeline as timeline_lib
 
     found = []
     for schedule in ("gpipe", "1f1b"):

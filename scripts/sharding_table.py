@@ -71,8 +71,9 @@ def main(argv=None):
     parser.add_argument("--mesh", default="batch=2,model=2")
     parser.add_argument("--out", default="docs")
     args = parser.parse_args(argv)
-    from tfpar import models, sharding
-    from tfpar.sharding import report
+    from tfpar import models
+    from tfpar.parallel import sharding
+    from tfpar.parallel.sharding import report
 
     mesh_shape = sharding.parse_mesh(args.mesh)
     rows = report.plan(lambda: models.build("vgg16"), sharding.default_rules("vgg16"), mesh_shape)

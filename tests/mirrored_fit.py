@@ -15,7 +15,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tfpar import strategies  # noqa: E402
+from tfpar.runtime import strategies  # noqa: E402
 
 strategies.configure_virtual_cpus(2)
 
@@ -23,7 +23,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from tfpar import precision  # noqa: E402
+from tfpar.runtime import precision  # noqa: E402
 
 mode, out = sys.argv[1], sys.argv[2]
 rng = np.random.RandomState(0)

@@ -19,7 +19,8 @@ import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
 from helpers import write_worker_result  # noqa: E402
-from tfpar import all_reduce, precision, steps, strategies, xla  # noqa: E402
+from tfpar.step import all_reduce, steps, xla  # noqa: E402
+from tfpar.runtime import precision, strategies
 
 BUCKET_MB = 0.001  # ~1 KB: the net below (about 3,600 float32 weights) gets several buckets
 

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras  # noqa: E402
-from tfpar import precision, strategies  # noqa: E402
+from tfpar.runtime import precision, strategies  # noqa: E402
 
 out_dir = sys.argv[1]
 strategy = strategies.create("multi_worker")

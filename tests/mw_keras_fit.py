@@ -24,10 +24,10 @@ policy = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--precision
 if raw:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
 else:
-    from tfpar import strategies
+    from tfpar.runtime import strategies
 
     strategy = strategies.create("multi_worker")
-from tfpar import precision  # noqa: E402
+from tfpar.runtime import precision  # noqa: E402
 
 precision.apply(policy, strategy)
 task = json.loads(os.environ["TF_CONFIG"])["task"]

@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import test_stragglers as t  # noqa: E402
 from helpers import write_worker_result  # noqa: E402
-from tfpar import strategies  # noqa: E402
+from tfpar.runtime import strategies  # noqa: E402
 
 
 def main(out_dir):

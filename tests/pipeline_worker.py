@@ -13,7 +13,7 @@ import sys
 MODE = sys.argv[1]
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0" if MODE == "placement" else "2"
 
-from tfpar import strategies  # noqa: E402
+from tfpar.runtime import strategies  # noqa: E402
 
 strategies.configure_virtual_cpus(4)
 
@@ -24,8 +24,10 @@ import tensorflow as tf  # noqa: E402
 if MODE == "placement":
     tf.debugging.set_log_device_placement(True)  # only takes effect before TF's context starts
 
-from tfpar import models, pipeline, steps  # noqa: E402
-from tfpar.pipeline import stages as stages_lib  # noqa: E402
+from tfpar import models  # noqa: E402
+from tfpar.parallel import pipeline
+from tfpar.step import steps
+from tfpar.parallel.pipeline import stages as stages_lib  # noqa: E402
 
 STEPS = 3
 BATCH = 16

@@ -14,7 +14,8 @@ import os
 import signal
 import sys
 
-from tfpar import cli, data, quiet, train
+from tfpar.run import cli, data, recipe as train
+from tfpar.core import quiet
 
 RECORD, KILL_AT = sys.argv[1], int(sys.argv[2])
 quiet.start_tensorflow()

@@ -17,7 +17,7 @@ import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tfpar import sharding  # noqa: E402
+from tfpar.parallel import sharding  # noqa: E402
 
 MESHES = ["batch=4,model=1", "batch=2,model=2", "batch=1,model=4"]
 STEPS = 3
@@ -119,7 +119,7 @@ def sharded(spec, rules, opt_name, initial, policy="float32"):
 def layout_map(spec):
     import keras
 
-    from tfpar.sharding import meshes
+    from tfpar.parallel.sharding import meshes
 
     shape = meshes.parse(spec)
     mesh = keras.distribution.DeviceMesh(tuple(shape.values()), list(shape))
@@ -137,14 +137,14 @@ SHAPE_PATHS = ("fc1/kernel", "fc2/kernel", "predictions/kernel", "block1_conv1/k
 
 
 def shapes(model):
-    from tfpar.sharding import variables
+    from tfpar.parallel.sharding import variables
 
     by_path = {w.path: w for w in model.weights}
     return {p: [list(by_path[p].shape), [list(s) for s in variables.local_shapes(by_path[p])]] for p in SHAPE_PATHS}
 
 
 def slot_shapes(model):
-    from tfpar.sharding import variables
+    from tfpar.parallel.sharding import variables
 
     slots = {v.path.rpartition("/")[2]: v for v in model.optimizer.variables}
     return {name: [list(s) for s in variables.local_shapes(v)] for name, v in slots.items()
@@ -191,7 +191,7 @@ def main(out_path):
 
 def save_weights_across_meshes(model_2x2, plain):
     """``save_weights`` on 2x2 loads into an unsharded model and into a 1x4 one; both then train alike."""
-    from tfpar.sharding import variables
+    from tfpar.parallel.sharding import variables
 
     path = os.path.join(tempfile.mkdtemp(), "sharded.weights.h5")
     model_2x2.save_weights(path)
@@ -251,7 +251,7 @@ def checkpoint_round_trip(initial):
     """ShardedTrainer (the thin factory layer): save/restore of a sharded TF checkpoint with its slots."""
     import numpy as np
 
-    from tfpar.sharding import variables
+    from tfpar.parallel.sharding import variables
 
     dmesh = sharding.mesh("batch=2,model=2")
     make = lambda: sharding.ShardedTrainer(build, dmesh, sharding.default_rules("vgg11"),  # noqa: E731
@@ -285,7 +285,7 @@ def default_rules_degrade():
     """10 classes on model=4 and a mesh with no model axis: defaults train, a user's rules fail."""
     import numpy as np
 
-    from tfpar.sharding import report
+    from tfpar.parallel.sharding import report
 
     out = {}
     user = [(r"predictions/kernel$", (None, "model")), (r"fc1/kernel$", (None, "model"))]
@@ -344,7 +344,7 @@ def client(out_path):
     losses = fit_steps(model, x, y)
     evaluate = model.evaluate(x[:13], y[:13], batch_size=BATCH, verbose=0, return_dict=True)
     kernel = {w.path: w for w in model.weights}["fc1/kernel"]
-    from tfpar.sharding import variables
+    from tfpar.parallel.sharding import variables
 
     with open(out_path + ".tmp", "w") as f:  # renamed once complete: the other client waits for the name
         json.dump({"client": dtensor.client_id(), "clients": dtensor.num_clients(),

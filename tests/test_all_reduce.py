@@ -16,7 +16,8 @@ import pytest
 
 from helpers import run_reaped
 
-from tfpar import all_reduce, train
+from tfpar.step import all_reduce
+from tfpar.run import driver as train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,7 +66,7 @@ def _fit(strategy, dtype, steps=6):
 
 def _scenarios():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tfpar import strategies
+    from tfpar.runtime import strategies
 
     strategies.configure_virtual_cpus(2)
     import tensorflow as tf

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfpar import backup
+from tfpar.runtime import backup
 
 STEPS = 3  # steps per epoch
 

@@ -14,7 +14,8 @@ import pytest
 
 from helpers import quiet_env, run_reaped, tfpar_train_command
 
-from tfpar import backup, cli, train
+from tfpar.runtime import backup
+from tfpar.run import cli, driver as train
 
 TINY = ["--model=resnet18", "--width_multiplier=0.125", "--image_size=16", "--epochs=2", "--batch_size=8",
         "--steps_per_epoch=3", "--validation_steps=1", "--verbose=0", "--notensorboard", "--nocheckpoint_best"]

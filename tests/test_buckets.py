@@ -15,7 +15,8 @@ import pytest
 
 from helpers import run_reaped
 
-from tfpar import all_reduce, train
+from tfpar.step import all_reduce
+from tfpar.run import driver as train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_MB = 0.002  # ~2 KB buckets: the small nets below get several
@@ -27,7 +28,8 @@ def _fit(strategy, bucket_mb, *, micro=1, jit="off", policy="float32", dtype="fl
     import keras
     import tensorflow as tf
 
-    from tfpar import precision, steps, xla
+    from tfpar.runtime import precision
+    from tfpar.step import steps, xla
 
     precision.apply(policy, strategy)
     rng = np.random.default_rng(0)
@@ -60,7 +62,7 @@ def _fused_statistics(strategy):
     import keras
     import tensorflow as tf
 
-    from tfpar import steps
+    from tfpar.step import steps
 
     with strategy.scope():
         per_variable = [keras.Variable(np.zeros(n, "float32"), trainable=False, aggregation="mean") for n in (3, 5, 1)]
@@ -86,7 +88,7 @@ def _fused_statistics(strategy):
 
 def _scenarios():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tfpar import strategies
+    from tfpar.runtime import strategies
 
     strategies.configure_virtual_cpus(2)
     mirrored = strategies.create("mirrored")

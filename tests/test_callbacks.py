@@ -9,8 +9,8 @@ import pytest
 
 from helpers import event_scalars
 
-from tfpar import callbacks
-from tfpar.train import TrainConfig
+from tfpar.run import callbacks
+from tfpar.run.config import TrainConfig
 
 
 def tiny_model():

@@ -10,8 +10,8 @@ from helpers import event_scalars
 
 from helpers import quiet_env, run_reaped, tfpar_train_command
 
-from tfpar import cli
-from tfpar.train import TrainConfig
+from tfpar.run import cli
+from tfpar.run.config import TrainConfig
 
 TINY = ["--model=resnet18", "--width_multiplier=0.125", "--image_size=16", "--epochs=2",
         "--steps_per_epoch=4", "--validation_steps=2", "--verbose=0"]

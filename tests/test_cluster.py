@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tfpar import cluster
+from tfpar.runtime import cluster
 
 WORKERS = ["10.0.0.1:2222", "10.0.0.2:2222", "10.0.0.3:2222"]
 
@@ -173,7 +173,7 @@ def test_malformed_tf_config_gives_one_clear_error(raw, match):
 
 
 def test_auto_strategy_picks_tpu_on_a_colab_tpu_runtime_and_one_device_elsewhere():
-    from tfpar import strategies
+    from tfpar.runtime import strategies
 
     on_tpu = cluster.detect(environ=COLAB_TPU_VM, path_exists=lambda p: p == "/dev/vfio/0")
     assert strategies._auto_name(on_tpu) == "tpu"

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tfpar import compat
+from tfpar.kerasfix import compat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tfpar import data
-from tfpar.train import TrainConfig
+from tfpar.run import data
+from tfpar.run.config import TrainConfig
 
 SIZE = 16
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from helpers import reap as _reap
-from tfpar import launcher, preemption
+from tfpar.runtime import launcher, preemption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = [sys.executable, os.path.join(ROOT, "scripts", "train.py")]
@@ -193,7 +193,7 @@ def test_launcher_restarts_the_whole_cluster_up_to_k_times(tmp_path, exit_code, 
 
 
 def test_lost_peer_is_named_from_tfs_heartbeat_errors():
-    from tfpar import cluster
+    from tfpar.runtime import cluster
 
     spec = {"worker": ["198.18.0.1:2222", "198.18.0.2:2222", "198.18.0.3:2222"]}
     worker0 = cluster.from_tf_config(json.dumps({"cluster": spec, "task": {"type": "worker", "index": 0}}))

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import keras
 
-from tfpar import data, models
+from tfpar.run import data
+from tfpar import models
 
 
 @pytest.mark.parametrize("name", ["alexnet_bn", "vgg11_bn", "resnet18"])

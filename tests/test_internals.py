@@ -1,4 +1,4 @@
-"""Every private Keras/TensorFlow hook in tfpar.internals exists, with the parameters tfpar relies on.
+"""Every private Keras/TensorFlow hook in tfpar.core.internals exists, with the parameters tfpar relies on.
 
 A Keras or TensorFlow release that renames or reshapes one fails the test
 named after that hook. The last tests keep the registry complete: a new
@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from tfpar import internals
+from tfpar.core import internals
 
 PACKAGE = pathlib.Path(internals.__file__).resolve().parent
 SOURCES = sorted(PACKAGE.rglob("*.py")) + sorted((PACKAGE.parent / "models").glob("*.py"))

@@ -13,7 +13,8 @@ import re
 import pytest
 import yaml
 
-from tfpar import cli, cluster
+from tfpar.run import cli
+from tfpar.runtime import cluster
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "kubernetes.md")
 JOB_NAME_LABEL = "metadata.labels['batch.kubernetes.io/job-name']"

@@ -16,7 +16,8 @@ import pytest
 
 from helpers import run_reaped
 
-from tfpar import cluster, launcher, trace
+from tfpar.runtime import cluster, launcher
+from tfpar.core import trace
 
 LAUNCH = [sys.executable, "-m", "tfpar.launcher"]
 

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import tfpar_train_command
 
-from tfpar import preemption
+from tfpar.runtime import preemption
 
 PORT = 2222  # every host may use the same port: each namespace has its own
 TINY = ["--model=resnet18", "--width_multiplier=0.125", "--batch_size=32", "--steps_per_epoch=4",
@@ -100,7 +100,7 @@ def test_parameter_server_training_across_hosts(netns_cluster, tmp_path):
     hosts = netns_cluster(3)  # chief, worker, ps each on its own host
     chief, worker, ps = hosts.addresses
     spec = {"chief": [f"{chief}:{PORT}"], "worker": [f"{worker}:{PORT}"], "ps": [f"{ps}:{PORT}"]}
-    serve = [sys.executable, "-c", "from tfpar import parameter_server; parameter_server.serve()"]
+    serve = [sys.executable, "-c", "from tfpar.parallel import parameter_server; parameter_server.serve()"]
     servers = [hosts.start(2, serve, env=env_for(spec, "ps", 0), stdout=open(os.devnull, "w")),
                hosts.start(1, serve, env=env_for(spec, "worker", 0), stdout=open(os.devnull, "w"))]
     model_dir = tmp_path / "ps"

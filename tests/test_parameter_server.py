@@ -15,18 +15,20 @@ import time
 
 import pytest
 
-from tfpar import cluster, parameter_server
+from tfpar.runtime import cluster
+from tfpar.parallel import parameter_server
 
 # The chief through tfpar.train.run, with partitioning options the CLI has no flags for.
 CHIEF = """
 import functools, json, sys
-from tfpar import parameter_server, train
+from tfpar.parallel import parameter_server
+from tfpar.run import driver as train
 train.TRAINING_LOOPS["parameter_server"] = functools.partial(
     parameter_server.run_config, **json.loads(sys.argv[2]))
 train.run(train.TrainConfig(**json.loads(sys.argv[1])), print_fn=lambda s: print(s, flush=True))
 """
 CLI = "import sys; from tfpar.cli import run_main; sys.argv[0] = 'tfpar-train'; run_main()"
-SERVE = "from tfpar import parameter_server; parameter_server.serve()"
+SERVE = "from tfpar.parallel import parameter_server; parameter_server.serve()"
 
 
 def _free_ports(count):

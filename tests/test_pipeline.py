@@ -30,8 +30,9 @@ import pytest
 
 from helpers import quiet_env, run_reaped
 
-from tfpar import models, pipeline
-from tfpar.pipeline import balance, partition, schedules
+from tfpar import models
+from tfpar.parallel import pipeline
+from tfpar.parallel.pipeline import balance, partition, schedules
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -250,7 +251,7 @@ PIPE = ["--strategy=pipeline", "--model=resnet18", "--width_multiplier=0.125", "
     (["--stages=0"], "stages must be a positive integer"),
 ])
 def test_pipeline_flag_mistakes_exit_2(capsys, args, message):
-    from tfpar import cli
+    from tfpar.run import cli
 
     code = cli.main(["tfpar-train", "--strategy=pipeline"] + args)
     err = capsys.readouterr().err

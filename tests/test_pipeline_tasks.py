@@ -15,8 +15,9 @@ import pytest
 
 from helpers import quiet_env, reap, run_reaped, tfpar_train_command
 
-from tfpar import cli, preemption
-from tfpar.pipeline import placement
+from tfpar.run import cli
+from tfpar.runtime import preemption
+from tfpar.parallel.pipeline import placement
 
 LAUNCH = [sys.executable, "-m", "tfpar.launcher"]
 TINY = ["--strategy=pipeline", "--model=resnet18", "--width_multiplier=0.125", "--batch_size=16",

@@ -12,7 +12,7 @@ import keras
 import pytest
 import tensorflow as tf
 
-from tfpar import precision
+from tfpar.runtime import precision
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

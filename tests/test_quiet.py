@@ -9,7 +9,9 @@ import pytest
 
 from helpers import run_reaped, tfpar_train_command
 
-from tfpar import cli, precision, quiet
+from tfpar.run import cli
+from tfpar.runtime import precision
+from tfpar.core import quiet
 
 CPP_LOG = re.compile(r"^[IWEF]\d{4} |absl::InitializeLog", re.MULTILINE)
 PRIVATE_CLASS = re.compile(r"\b_[A-Z]\w*")  # _DefaultDistributionStrategy and the like
@@ -58,7 +60,7 @@ def test_importing_the_cli_leaves_the_environment_alone():
 
 @pytest.mark.slow
 def test_the_level_flag_brings_the_start_up_lines_back():
-    probe = ("import sys; from tfpar import quiet; quiet.start_tensorflow(int(sys.argv[1])); "
+    probe = ("import sys; from tfpar.core import quiet; quiet.start_tensorflow(int(sys.argv[1])); "
              "import tensorflow as tf; tf.config.list_physical_devices(); print('ready')")
     lines = {}
     for level in (2, 0):

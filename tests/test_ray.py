@@ -20,8 +20,8 @@ from ray import cloudpickle
 
 from helpers import run_reaped, tfpar_train_command
 
-from tfpar import ray as tfpar_ray
-from tfpar.train import TrainConfig
+from tfpar.run import ray as tfpar_ray
+from tfpar.run.config import TrainConfig
 
 TINY = dict(model="resnet18", width_multiplier=0.125, batch_size=32, steps_per_epoch=4, validation_steps=1,
             tensorboard=False, verbose=0, checkpoint_best=False)

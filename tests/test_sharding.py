@@ -18,9 +18,9 @@ import pytest
 
 from helpers import quiet_env, run_reaped
 
-from tfpar import sharding
-from tfpar.sharding import meshes, report
-from tfpar.sharding import rules as rules_lib
+from tfpar.parallel import sharding
+from tfpar.parallel.sharding import meshes, report
+from tfpar.parallel.sharding import rules as rules_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MESH = {"batch": 2, "model": 2}
@@ -121,8 +121,8 @@ def test_vgg16_plan_halves_the_big_layers():
 
 
 def test_dtensor_env_from_tf_config_cluster():
-    from tfpar.cluster import ClusterInfo
-    from tfpar.sharding.driver import dtensor_env_from_cluster
+    from tfpar.runtime.cluster import ClusterInfo
+    from tfpar.run.dtensor_driver import dtensor_env_from_cluster
 
     info = ClusterInfo(task_type="worker", task_index=0, num_workers=2, source="tf_config",
                        cluster_spec={"chief": ["h0:1000"], "worker": ["h1:1001"]})
@@ -309,7 +309,7 @@ def test_cli_mesh_and_user_rule_errors_exit_2_with_one_line(tmp_path, args, mess
 # ----- two DTensor clients on 127.0.0.1 --------------------------------------
 @pytest.mark.slow
 def test_two_dtensor_clients_train_one_2x2_mesh_like_plain_keras(tmp_path):
-    from tfpar import launcher
+    from tfpar.runtime import launcher
 
     ports = launcher.free_ports(2)
     jobs = ",".join(f"127.0.0.1:{p}" for p in ports)

@@ -22,7 +22,7 @@ def _fit(keras, strategy, micro_batches, *, bn=False, jit="off", epochs=1, batch
     """A small conv net fitted on 64 fixed examples; returns its weights and logs."""
     import tensorflow as tf
 
-    from tfpar import steps, xla
+    from tfpar.step import steps, xla
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 8, 8, 1)).astype("float32")
@@ -45,7 +45,7 @@ def _fit(keras, strategy, micro_batches, *, bn=False, jit="off", epochs=1, batch
 
 
 def _scenarios():
-    from tfpar import strategies
+    from tfpar.runtime import strategies
 
     strategies.configure_virtual_cpus(2)
     import keras
@@ -112,7 +112,7 @@ def _compiled(keras):
 def test_micro_batches_must_divide_the_batch():
     import keras
 
-    from tfpar import steps
+    from tfpar.step import steps
 
     model = _compiled(keras)
     steps.accumulate(model, 3)
@@ -124,7 +124,7 @@ def test_micro_batches_must_divide_the_batch():
 def test_micro_batches_must_be_a_positive_integer(bad):
     import keras
 
-    from tfpar import steps
+    from tfpar.step import steps
 
     with pytest.raises(ValueError, match="micro_batches must be a positive integer"):
         steps.accumulate(_compiled(keras), bad)
@@ -133,7 +133,7 @@ def test_micro_batches_must_be_a_positive_integer(bad):
 def test_a_model_with_its_own_train_step_is_refused():
     import keras
 
-    from tfpar import steps
+    from tfpar.step import steps
 
     class Custom(keras.Sequential):
         def train_step(self, data):
@@ -149,7 +149,7 @@ def test_a_model_with_its_own_train_step_is_refused():
 def test_one_micro_batch_gives_back_keras_own_step():
     import keras
 
-    from tfpar import steps
+    from tfpar.step import steps
 
     model = _compiled(keras)
     steps.accumulate(model, 2)
@@ -162,7 +162,7 @@ def test_moving_statistics_follow_every_micro_batch_in_order():
     """One step of 2 micro-batches leaves BN's moving statistics where 2 training calls on the halves would."""
     import keras
 
-    from tfpar import steps
+    from tfpar.step import steps
 
     x = np.random.default_rng(3).normal(2.0, 3.0, size=(16, 5)).astype("float32")
     y = np.zeros((16, 1), "float32")

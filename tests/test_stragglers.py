@@ -82,7 +82,7 @@ def embedding_reference():
 def balanced(strategy, shares, callbacks=(), steps=None, batch=GLOBAL, make=_model, data=_data):
     import tensorflow as tf
 
-    from tfpar import all_reduce, stragglers
+    from tfpar.step import all_reduce, stragglers
 
     with strategy.scope():
         model = make()
@@ -98,7 +98,7 @@ def balanced(strategy, shares, callbacks=(), steps=None, batch=GLOBAL, make=_mod
 
 def timed(strategy, slow, every=3, balance=False, steps=14, batch=GLOBAL, names=("replica 0", "replica 1"),
           print_fn=None):
-    from tfpar import stragglers
+    from tfpar.step import stragglers
 
     os.environ.pop(stragglers.SLOW_ENV, None)
     if slow:
@@ -115,7 +115,7 @@ def timed(strategy, slow, every=3, balance=False, steps=14, batch=GLOBAL, names=
     else:
         import tensorflow as tf
 
-        from tfpar import all_reduce
+        from tfpar.step import all_reduce
 
         with strategy.scope():
             model = _model()
@@ -130,7 +130,7 @@ def timed(strategy, slow, every=3, balance=False, steps=14, batch=GLOBAL, names=
 
 def _scenarios():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tfpar import strategies
+    from tfpar.runtime import strategies
 
     strategies.configure_virtual_cpus(2)
     mirrored = strategies.create("mirrored")
@@ -153,7 +153,8 @@ if __name__ == "__main__":
 
 # --------------------------------------------------------------------------- test side
 
-from tfpar import stragglers, train  # noqa: E402
+from tfpar.step import stragglers  # noqa: E402
+from tfpar.run import driver as train
 
 
 def test_shares_follow_speed_sum_to_the_batch_and_respect_the_minimum():

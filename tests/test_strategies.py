@@ -8,7 +8,8 @@ import sys
 import pytest
 import tensorflow as tf
 
-from tfpar import cluster, compat, strategies
+from tfpar.runtime import cluster, strategies
+from tfpar.kerasfix import compat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

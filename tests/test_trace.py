@@ -1,4 +1,4 @@
-"""tfpar.trace: a profiler trace boiled down to compute / all-reduce / exposed time per step.
+"""tfpar.core.trace: a profiler trace boiled down to compute / all-reduce / exposed time per step.
 
 A real trace of a small Keras fit is taken in this process; the multi-worker
 trace (with all-reduce time) is checked in test_multi_worker.py.
@@ -7,7 +7,7 @@ trace (with all-reduce time) is checked in test_multi_worker.py.
 import numpy as np
 import pytest
 
-from tfpar import trace
+from tfpar.core import trace
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from tfpar import schedules, train
-from tfpar.train import TrainConfig
+from tfpar.run import schedules, driver as train
+from tfpar.run.config import TrainConfig
 
 
 def test_global_batch_from_global_or_per_replica():

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tfpar import versions
+from tfpar.core import versions
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RANGE = "TensorFlow 2.20-2.21 (tensorflow, tensorflow-cpu or tensorflow-tpu) with Keras 3.10-3.15"
@@ -98,7 +98,7 @@ def test_fresh_environment_without_tensorflow_refuses_to_start(tmp_path):
                                    f"'tfpar[and-cuda]' (NVIDIA GPUs) or 'tfpar[tpu]' (TPU VMs).")
     proc = subprocess.run([str(python), "-c", "import tfpar"], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, timeout=120)
-    assert proc.returncode == 1 and "tfpar.versions.UnsupportedVersions: No TensorFlow is installed" in proc.stderr
+    assert proc.returncode == 1 and "tfpar.core.versions.UnsupportedVersions: No TensorFlow is installed" in proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 
 from helpers import run_reaped
 
-from tfpar import compat
+from tfpar.kerasfix import compat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)

@@ -59,7 +59,7 @@ class _Record:
 
 
 def _fit(keras, strategy, jit, initial, *, policy="float32", optimizer=None, extra_layer=None, batch=8, n=36):
-    from tfpar import xla
+    from tfpar.step import xla
 
     keras.mixed_precision.set_global_policy(policy)
     x, y = _data(n)
@@ -89,13 +89,13 @@ def _fit(keras, strategy, jit, initial, *, policy="float32", optimizer=None, ext
 def _scenarios():
     """Everything that needs 2 logical CPUs, in one process (TF start-up is slow)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tfpar import strategies
+    from tfpar.runtime import strategies
 
     strategies.configure_virtual_cpus(2)
     import keras
     import tensorflow as tf
 
-    from tfpar import xla
+    from tfpar.step import xla
 
     strategy = strategies.create("mirrored")
     keras.utils.set_random_seed(0)
@@ -135,7 +135,7 @@ def _scenarios():
     # The driver (tfpar-train --jit_compile=on) under mirrored.
     import tempfile
 
-    from tfpar import train
+    from tfpar.run import driver as train
 
     with tempfile.TemporaryDirectory() as model_dir:
         result = train.run(_train_config(model_dir, "mirrored", "on", virtual_cpus=2), print_fn=lambda *a: None)
@@ -144,7 +144,7 @@ def _scenarios():
 
 
 def _train_config(model_dir, strategy, jit_compile, **overrides):
-    from tfpar import train
+    from tfpar.run import driver as train
 
     return train.TrainConfig(model="alexnet_bn", width_multiplier=0.125, image_size=32, strategy=strategy,
                              batch_size=32, epochs=1, steps_per_epoch=2, validation_steps=1, tensorboard=False,
@@ -157,7 +157,8 @@ def _multi_worker(out_dir):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from tfpar import cluster, strategies, summary
+    from tfpar.runtime import cluster, strategies
+    from tfpar.core import summary
 
     strategy = strategies.create("multi_worker")
     keras.utils.set_random_seed(0)
@@ -242,7 +243,7 @@ def test_driver_with_jit_on_under_mirrored_records_xla_steps(mirrored):
 
 
 def test_driver_auto_records_jit_off_on_cpu(tmp_path):
-    from tfpar import train
+    from tfpar.run import driver as train
 
     result = train.run(_train_config(str(tmp_path), "one_device", "auto"), print_fn=lambda *a: None)
     assert result["jit_compile"] is False and result["xla_steps"] == {}
@@ -250,7 +251,7 @@ def test_driver_auto_records_jit_off_on_cpu(tmp_path):
 
 
 def test_resolve_modes():
-    from tfpar import xla
+    from tfpar.step import xla
 
     assert xla.resolve("on") is True and xla.resolve("off") is False
     assert xla.resolve(True) is True
@@ -265,7 +266,7 @@ def test_resolve_modes():
 def test_enable_needs_compiled_model_and_off_leaves_keras_alone():
     import keras
 
-    from tfpar import xla
+    from tfpar.step import xla
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="compile"):
@@ -308,7 +309,7 @@ def test_weight_regularizers_train_under_xla_like_without_it():
     """Keras reads regularized weights through the stateless scope; every weight must be mapped into it."""
     import keras
 
-    from tfpar import xla
+    from tfpar.step import xla
 
     x = np.random.default_rng(5).normal(size=(2, 16, 4)).astype("float32")
     y = np.ones((16, 2), "float32")

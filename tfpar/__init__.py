@@ -1,11 +1,12 @@
 """tfpar: make Keras 3 training run across GPUs, workers, TPUs and DTensor meshes.
 
-Each module does one step of the data flow and is usable on its own:
-``cluster`` → ``strategies`` → ``precision`` → ``models`` → ``data`` → ``train``.
+The top-level modules are the public API, each usable on its own, in the order of one run:
+``cluster`` → ``strategies`` → ``precision`` → ``models`` → ``data`` → ``train``; also ``compat``,
+``pipeline``, ``sharding``, ``ray`` and ``cli``. The code lives in layered packages (docs/architecture.md):
+``core`` → ``step`` → ``kerasfix`` → ``runtime`` → ``parallel`` → ``run``, each importing only the ones before it.
 """
 
-__version__ = "0.1.0"
-
-from tfpar import versions as _versions  # noqa: E402  (needs __version__ above)
+from tfpar.core import versions as _versions
+from tfpar.core.versions import __version__  # noqa: F401
 
 _versions.require()  # one sentence and no further import when TensorFlow/Keras are unsupported

@@ -1,0 +1,138 @@
+"""Asynchronous training with parameter servers: servers, strategy, partitioned weights.
+
+Keras 3's ``fit`` does not run under ``ParameterServerStrategy``
+(keras-team/keras#18624, DESIGN.md item 4); ``tfpar.ps_fit`` supplies that
+path and ``tfpar.compat`` routes ``model.fit``/``evaluate`` to it. This
+module holds what is specific to a parameter-server cluster:
+
+* every worker and parameter server is its own process blocked in
+  ``serve()``; servers started in the coordinator's process hang
+  (DESIGN.md item 14);
+* ``create()`` gives the chief its strategy and ``ClusterCoordinator``;
+* weights larger than ``min_shard_bytes`` are partitioned over the ps tasks,
+  and ``_gradients``/``_support_sharded_variables`` let Keras 3 train them;
+* ``checkpoints()`` saves and restores partitioned weights, and
+  ``lost_ps_error`` turns a lost ps task into one clear error;
+* ``run_config`` is ``tfpar-train --strategy=parameter_server``: plain
+  Keras ``compile``/``fit`` under the strategy.
+"""
+
+import logging
+import os
+import time
+
+from tfpar.kerasfix import ps_variables
+
+log = logging.getLogger("tfpar")
+
+SERVING_TASKS = ("worker", "ps")
+
+
+def serve(cluster_info=None, start_only=False):
+    """Run this worker or ps task's ``tf.distribute.Server`` and block forever.
+
+    ``cluster_info`` defaults to ``tfpar.cluster.detect()`` (``TF_CONFIG``).
+    ``start_only=True`` returns the started server instead of joining it.
+    """
+    from tfpar.runtime import cluster as cluster_lib
+
+    info = cluster_info or cluster_lib.detect()
+    if info.task_type not in SERVING_TASKS or not info.cluster_spec:
+        raise ValueError(
+            f"serve() is for 'worker' and 'ps' tasks of a TF_CONFIG cluster; this task is {info.task_name!r}."
+        )
+    import tensorflow as tf
+
+    config = tf.compat.v1.ConfigProto()
+    if info.task_type == "worker":
+        # Each worker runs one step at a time; a few inter-op threads keep its
+        # variable reads and writes to the PS tasks flowing concurrently.
+        config.inter_op_parallelism_threads = max(2, len(info.cluster_spec.get("worker", [])))
+    server = tf.distribute.Server(
+        tf.train.ClusterSpec(info.cluster_spec), job_name=info.task_type, task_index=info.task_index,
+        protocol="grpc", config=config, start=True,
+    )
+    log.info("%s serving at %s", info.task_name, server.target)
+    if start_only:
+        return server
+    server.join()
+
+
+def create(cluster_info=None, num_ps_shards=None, min_shard_bytes=None):
+    """``(strategy, coordinator)`` for the chief of a parameter-server cluster."""
+    import tensorflow as tf
+
+    from tfpar.runtime import cluster as cluster_lib
+    from tfpar.runtime import strategies
+
+    info = cluster_info or cluster_lib.detect()
+    if info.task_type != "chief" or not info.num_ps:
+        raise ValueError(
+            "parameter_server training runs on the 'chief' of a TF_CONFIG cluster with 'ps' and 'worker' "
+            f"tasks; this task is {info.task_name!r} with {info.num_ps} ps task(s)."
+        )
+    strategy = strategies.create("parameter_server", cluster=info, num_ps_shards=num_ps_shards,
+                                 min_shard_bytes=min_shard_bytes)
+    return strategy, tf.distribute.coordinator.ClusterCoordinator(strategy)
+
+
+def variable_placement(model):
+    """``{variable path: [device, ...]}``: one device per shard of each weight."""
+    return {weight.path: [v.device for v in ps_variables.shards(weight)] for weight in model.weights}
+
+
+def _checkpoint_variables(model):
+    """``{path: tf.Variable or ShardedVariable}`` for the model and optimizer.
+
+    Checkpointing the Keras objects fails for partitioned weights (the
+    saver asks a ``ShardedVariable`` for its ``device``); the TF variables
+    underneath save and restore fine, shards included.
+    """
+    found = {}
+    for prefix, weights in (("model", model.weights), ("optimizer", model.optimizer.variables)):
+        for weight in weights:
+            key = f"{prefix}/{weight.path}"
+            while key in found:
+                key += "_"
+            found[key] = getattr(weight, "value", weight)
+    return found
+
+
+def checkpoints(directory, keep=3):
+    """A Keras callback: chief-only checkpoints of model, optimizer and epoch in ``directory``.
+
+    Unlike ``keras.callbacks.BackupAndRestore`` (an HDF5 file of the Keras
+    weights), it saves the TF variables underneath, so weights partitioned
+    over several ps tasks save and restore too. ``on_train_begin`` restores the
+    latest checkpoint and sets the epoch ``fit`` resumes at; the optimizer's
+    ``iterations`` (the finished-step count, exact at epoch ends) comes back with it.
+    """
+    import keras
+    import tensorflow as tf
+
+    class Checkpoints(keras.callbacks.Callback):
+        initial_epoch = 0  # the epoch this run resumed at
+
+        def on_train_begin(self, logs=None):
+            # A plain variable on the chief: the epoch a restarted run resumes at.
+            with tf.device("/job:chief/replica:0/task:0/device:CPU:0"):
+                self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            checkpoint = tf.train.Checkpoint(variables=_checkpoint_variables(self.model), epoch=self.epoch)
+            self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
+            if self.manager.latest_checkpoint:
+                checkpoint.restore(self.manager.latest_checkpoint).expect_partial()
+                self.model._initial_epoch = self.initial_epoch = int(self.epoch.numpy())
+                log.info("resumed from %s (epoch %d, %d steps)", self.manager.latest_checkpoint,
+                         int(self.epoch.numpy()), int(self.model.optimizer.iterations.numpy()))
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epoch.assign(epoch + 1)
+            self.manager.save(checkpoint_number=epoch + 1)
+
+        def resume_hint(self):
+            saved = int(self.epoch.numpy())
+            if not saved:
+                return f"no checkpoint in {directory} yet, so the chief starts from scratch"
+            return f"the chief resumes from the latest checkpoint in {directory} (epoch {saved})"
+
+    return Checkpoints()

@@ -1,0 +1,380 @@
+"""Stragglers: every replica's step time, collective wait and input wait, and batches balanced by speed.
+
+In synchronous data parallelism every step waits for the slowest replica, and
+from the chief's throughput alone a slow worker is invisible. Here the train
+step itself times each replica with ``tf.timestamp()`` ops chained to its data
+and gradients:
+
+- input wait: from the host's call of the step (the callback stamps it) to the
+  replica's batch being there (Keras fetches the batch inside the step);
+- compute: forward and backward, until the replica's own gradients exist;
+- collective wait: from its own gradients to the summed ones, i.e. the wait
+  for the slowest peer plus the transfer.
+
+One tiny ``all_gather`` of those few floats per step gives every worker the
+whole table, so the chief reports all workers with no files: ``WorkerTimes``
+writes them to TensorBoard (one run per worker under
+``model_dir/workers_timing/<name>``, the same tags, so one chart compares
+them) and to summary.json, and prints one warning naming a worker whose own
+step time (input + compute) stays above 1.25x the median.
+
+Balancing (``--balance_batches``): every worker reads the same global batch
+stream (no sharding; ``distribute``) and each replica trains on its slice
+``[start_i, start_i + share_i)`` of it, with the shares in a variable. The
+slices partition the global batch, so every example of an epoch is used
+exactly once whatever the shares. Each replica's gradients are scaled by
+``share_i * replicas / global_batch``: Keras's mean over the local slice,
+divided by the replicas, becomes the sum over the slice divided by the
+global batch, and the summed gradients are those of one global batch (weight
+regularisers, added once per replica scaled by 1/replicas, sum to exactly one
+copy too). The global batch and the learning rate do not change. Every N
+steps each worker computes new shares from the gathered compute times with
+``shares_for`` (proportional to measured speed, at least a minimum, summing
+to the global batch); the inputs are the same everywhere, so the shares are.
+BatchNormalization normalises each slice with its own statistics, as it does
+each replica's batch in plain synchronous training.
+"""
+
+import logging
+import math
+import os
+import statistics
+import time
+
+import keras
+import tensorflow as tf
+
+log = logging.getLogger("tfpar")
+
+WARN_RATIO = 1.25  # a worker whose own step time stays above this times the median is named
+SLOW_ENV = "TFPAR_TEST_SLOW_REPLICA"  # test-only seam: "REPLICA:MS_PER_EXAMPLE" ("*" every replica) sleeps in a step
+COLUMNS = ("input_ms", "compute_ms", "collective_wait_ms", "examples")
+
+
+# --------------------------------------------------------------------------- the share rule
+
+def shares_for(speeds, global_batch, minimum=1, multiple=1):
+    """Integer shares of ``global_batch`` proportional to ``speeds``, each >= ``minimum``, summing exactly.
+
+    Replicas whose proportional share falls below ``minimum`` get ``minimum``
+    and the rest is split among the others in proportion (repeated until no
+    share is below it); the fractions are then rounded by largest remainder.
+    ``multiple``: every share a multiple of it (when it divides the batch):
+    tfpar's ResNet-18 aborts in TF 2.21's CPU kernels at some odd batch sizes
+    (17: "double free or corruption", also on one device), so balancing uses 2.
+    """
+    if multiple > 1 and global_batch % multiple == 0 and global_batch // multiple >= len(speeds):
+        units = shares_for(speeds, global_batch // multiple, max(1, -(-minimum // multiple)))
+        return [u * multiple for u in units]
+    count = len(speeds)
+    if count == 0 or global_batch < count * minimum:
+        raise ValueError(f"A global batch of {global_batch} cannot give {count} replicas at least {minimum} each.")
+    speeds = [max(float(s), 0.0) if math.isfinite(float(s)) else 0.0 for s in speeds]
+    if not any(speeds):
+        speeds = [1.0] * count
+    fixed = set()
+    while True:
+        free = [i for i in range(count) if i not in fixed]
+        left = global_batch - minimum * len(fixed)
+        total = sum(speeds[i] for i in free)
+        exact = {i: (left * speeds[i] / total if total > 0 else left / len(free)) for i in free}
+        low = [i for i in free if exact[i] < minimum]
+        if not low:
+            break
+        fixed.update(low)
+    out = [minimum if i in fixed else int(math.floor(exact[i])) for i in range(count)]
+    order = sorted(free, key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+    for i in order[: global_batch - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def even_shares(global_batch, replicas):
+    return [global_batch // replicas + (1 if i < global_batch % replicas else 0) for i in range(replicas)]
+
+
+def minimum_share(global_batch, replicas, fraction):
+    """At least ``fraction`` of an even share, and at least one example."""
+    return max(1, int(math.floor(fraction * global_batch / replicas)))
+
+
+# --------------------------------------------------------------------------- in the step
+
+class _State:
+    """The variables the step and the callback share (plain Python: not tracked, not checkpointed)."""
+
+    def __init__(self, strategy, replicas, global_batch, balance, shares, slow):
+        self.replicas, self.global_batch, self.balance, self.slow = replicas, global_batch, balance, slow
+        with tf.init_scope(), strategy.scope():
+            self.clock = tf.Variable(0.0, trainable=False)  # one copy per replica: orders only its own stamps
+        with tf.init_scope():
+            self.host_begin = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+            self.times = tf.Variable(tf.zeros((replicas, len(COLUMNS)), tf.float32), trainable=False)
+            self.shares = tf.Variable(shares, dtype=tf.int32, trainable=False)
+
+
+def _slow_seam():
+    """``(replica, ms per example)`` from ``TFPAR_TEST_SLOW_REPLICA``: a test-only slowdown, or None."""
+    value = os.environ.get(SLOW_ENV, "")
+    if not value:
+        return None
+    replica, _, ms = value.partition(":")
+    return (-1 if replica == "*" else int(replica)), float(ms)
+
+
+def _sleep(ms):
+    time.sleep(float(ms) / 1000.0)
+    return 0.0
+
+
+# The clock reads and the test seam's sleep are functions taking the replica's own copy of a variable.
+# Inside a tf.function, TensorFlow orders every stateful op with no resource input (tf.timestamp,
+# py_function) in one chain in program order, across replicas too: under MirroredStrategy replica 1's
+# first stamp would wait for replica 0's stamps and sleeps. A call with a resource input is ordered
+# only with the other users of that resource: here, the same replica's stamps.
+@tf.function(autograph=False)
+def _stamp(handle):
+    del handle
+    return tf.timestamp()
+
+
+@tf.function(autograph=False)
+def _nap(handle, ms):
+    del handle
+    return tf.ensure_shape(tf.py_function(_sleep, [ms], tf.float32), [])  # a known shape: gradients stay packable
+
+
+def _scaled(grad, factor):
+    """``grad * factor``, for dense gradients and for the sparse ones of embeddings (``IndexedSlices``)."""
+    if grad is None:
+        return None
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(grad.values * tf.cast(factor, grad.dtype), grad.indices, grad.dense_shape)
+    return grad * tf.cast(factor, grad.dtype)
+
+
+def train_step(model, state):
+    """tfpar's step (``tfpar.steps``) with the replica's times recorded and, when balancing, its slice."""
+    from keras.src.losses import loss as loss_module
+
+    from tfpar.step import all_reduce, steps
+
+    forward_backward = steps.forward_backward(model)
+
+    def step(data):
+        context = tf.distribute.get_replica_context()
+        replica = context.replica_id_in_sync_group
+        leaves = [t for t in tf.nest.flatten(data) if t is not None]
+        clock = state.clock.handle  # this replica's copy
+        with tf.control_dependencies(leaves):
+            arrived = _stamp(clock)
+        x, y, sample_weight = steps.unpack(data)
+        if state.balance:  # read each step: new shares need no retracing
+            shares = state.shares.read_value()
+            start, size = tf.reduce_sum(shares[:replica]), shares[replica]
+            x, y, sample_weight = tf.nest.map_structure(
+                lambda t: None if t is None else t[start:start + size], (x, y, sample_weight))
+        examples = tf.cast(steps.batch_size(x), tf.float32)
+        (loss, y_pred, grads), updates = forward_backward(steps.state_of(model), x, y, sample_weight)
+        if state.balance:  # the slice's mean / replicas -> the slice's sum / global batch
+            factor = examples * (state.replicas / state.global_batch)
+            grads = [_scaled(g, factor) for g in grads]
+        if state.slow is not None:  # test-only seam: this replica sleeps per example before its gradients are ready
+            chosen = tf.logical_or(tf.equal(replica, state.slow[0]), state.slow[0] < 0)
+            ms = tf.where(chosen, examples * state.slow[1], 0.0)
+            with tf.control_dependencies([g for g in grads if g is not None]):
+                slept = _nap(clock, ms)
+            grads = [None if g is None else g + tf.cast(slept, g.dtype) * 0 for g in grads]
+        variables = model.variables  # static shapes, lost by slicing: collectives pack only known shapes
+        updates = {k: tf.ensure_shape(v, variables[int(k)].shape) for k, v in updates.items()}
+        grads = [g if g is None or isinstance(g, tf.IndexedSlices) else tf.ensure_shape(g, w.shape)
+                 for g, w in zip(grads, model.trainable_weights)]
+        steps.assign(model, updates)
+        optimizer = model.optimizer
+        bucketed = all_reduce.bucket_bytes(optimizer) is not None and not steps._clips(optimizer)
+        summed = all_reduce.sum_before_apply(optimizer, grads) if bucketed else None
+        with tf.control_dependencies([g for g in grads if g is not None]):
+            ready = _stamp(clock)
+        if bucketed:
+            with tf.control_dependencies([g for g in summed if g is not None]):
+                done = _stamp(clock)
+            with all_reduce.summed_already(optimizer):
+                optimizer.apply_gradients(zip(summed, model.trainable_weights))
+        else:  # Keras's own all-reduce inside apply_gradients: the update is counted as waiting too
+            optimizer.apply_gradients(zip(grads, model.trainable_weights))
+            with tf.control_dependencies([optimizer.iterations.read_value()]):
+                done = _stamp(clock)
+        row = tf.cast(tf.stack([(arrived - state.host_begin.read_value()) * 1000.0, (ready - arrived) * 1000.0,
+                                (done - ready) * 1000.0, tf.cast(examples, tf.float64)]), tf.float32)
+        state.times.assign(context.all_gather(row[None], axis=0))
+        model._loss_tracker.update_state(loss_module.unscale_loss_for_distribution(loss), sample_weight=examples)
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    return step
+
+
+def distribute(strategy, dataset):
+    """``dataset`` (global batches) given whole to every replica, for balanced steps that slice it themselves.
+
+    Every worker iterates the same stream in the same order (nothing is
+    sharded), so the replicas' slices of one global batch partition it.
+    """
+    def per_pipeline(context):
+        local = max(1, context.num_replicas_in_sync // context.num_input_pipelines)
+        if local == 1:
+            return dataset
+        return dataset.flat_map(lambda *batch: tf.data.Dataset.from_tensors(batch).repeat(local))
+
+    return strategy.distribute_datasets_from_function(per_pipeline)
+
+
+def supported(model):
+    """Why ``model`` cannot record worker times (a sentence), or None when it can."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    from tfpar.step import steps, xla
+
+    strategy = model.distribute_strategy
+    if not isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+        return "worker times and balanced batches need mirrored or multi_worker training"
+    if strategy.num_replicas_in_sync < 2:
+        return "worker times and balanced batches need two or more replicas"
+    if type(model).train_step is not TensorFlowTrainer.train_step:
+        return f"model {model.name!r} defines its own train_step"
+    if steps.micro_batches(model) > 1:
+        return "balanced batches work with one batch per step (grad_accum_steps=1)"
+    if xla.state(model).get("train") in ("xla", "fallback"):
+        return "balanced batches do not combine with per-replica XLA (jit_compile=off)"
+    if (getattr(model, "steps_per_execution", 1) or 1) > 1:
+        return "worker times are per step: use steps_per_execution=1"
+    return None
+
+
+def enable(model, global_batch, balance=False, shares=None):
+    """Give ``model`` the timed (and, with ``balance``, sliced) step; returns the shared ``_State``.
+
+    Call after ``compile`` and ``tfpar.all_reduce.buckets``. ``shares``: the
+    starting shares (default even). With ``balance`` train on
+    ``distribute(strategy, dataset)``.
+
+    Raises:
+      ValueError: the model or strategy cannot (``supported``), or ``shares``
+        do not sum to ``global_batch``.
+    """
+    reason = supported(model)
+    if reason:
+        raise ValueError(f"tfpar.stragglers: {reason}.")
+    replicas = model.distribute_strategy.num_replicas_in_sync
+    shares = list(shares) if shares is not None else even_shares(global_batch, replicas)
+    if len(shares) != replicas or sum(shares) != global_batch or min(shares) < 1:
+        raise ValueError(f"shares must be {replicas} positive counts summing to the global batch {global_batch}, "
+                         f"got {shares}.")
+    state = _State(model.distribute_strategy, replicas, global_batch, balance, shares, _slow_seam())
+    model.train_step = train_step(model, state)
+    model.train_step.tfpar_accumulating = True  # tfpar.steps.install may take it back like its own step
+    model.train_function = None
+    return state
+
+
+# --------------------------------------------------------------------------- the callback
+
+class WorkerTimes(keras.callbacks.Callback):
+    """Per-replica times to TensorBoard and ``report()``; the straggler warning; new shares every ``every`` steps.
+
+    Steps are gathered in windows of ``every`` steps (the first ``skip`` of
+    each epoch left out: tracing, iterator start). A worker is named once,
+    when its own step time (input + compute) is above ``warn_ratio`` x the
+    median in ``windows`` windows in a row. ``rebalance`` recomputes the
+    shares at each window's end (``balance`` state only).
+    """
+
+    def __init__(self, state, names, every=20, minimum=1, log_dir=None, print_fn=print, warn_ratio=WARN_RATIO,
+                 windows=2, skip=1, rebalance=True):
+        super().__init__()
+        self.state, self.names, self.every, self.minimum = state, list(names), max(1, int(every)), minimum
+        self.print_fn, self.warn_ratio, self.windows, self.skip = print_fn, warn_ratio, windows, skip
+        self.rebalance = rebalance and state.balance
+        self.log_dir = log_dir
+        self._writers = None
+        self._rows, self._step, self._above = [], 0, {}
+        self.history = []  # one dict per window: step, per-replica means, shares
+        self.warning = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._in_epoch = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.state.host_begin.assign(time.time())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        self._in_epoch += 1
+        if self._in_epoch <= self.skip:
+            return
+        self._rows.append(self.state.times.numpy().tolist())
+        if len(self._rows) >= self.every:
+            self._close_window()
+
+    def on_train_end(self, logs=None):
+        if self._rows:
+            self._close_window()
+        for writer in (self._writers or {}).values():
+            writer.close()
+
+    def _close_window(self):
+        rows, self._rows = self._rows, []
+        means = [[statistics.fmean(r[i][c] for r in rows) for c in range(len(COLUMNS))] for i in range(len(self.names))]
+        own = [m[0] + m[1] for m in means]  # a worker's own step time: input + compute
+        shares = self.state.shares.numpy().tolist()
+        window = {"step": self._step, "steps": len(rows), "shares": shares,
+                  "workers": [dict(zip(("input_ms", "compute_ms", "collective_wait_ms"), m[:3]),
+                                   step_ms=o, examples_per_step=m[3], name=n)
+                              for m, o, n in zip(means, own, self.names)]}
+        self.history.append(window)
+        self._write(window)
+        self._check(window, own)
+        if self.rebalance:
+            speeds = [m[3] / m[1] if m[1] > 0 else 0.0 for m in means]
+            new = shares_for(speeds, self.state.global_batch, self.minimum, multiple=2)
+            if new != shares:
+                self.state.shares.assign(new)
+
+    def _write(self, window):
+        if not self.log_dir:
+            return
+        if self._writers is None:
+            self._writers = {n: tf.summary.create_file_writer(os.path.join(self.log_dir, n.replace(" ", "_")))
+                             for n in self.names}
+        for worker, share in zip(window["workers"], window["shares"]):
+            with self._writers[worker["name"]].as_default():
+                for key in ("step_ms", "input_ms", "compute_ms", "collective_wait_ms"):
+                    tf.summary.scalar(f"workers/{key}", worker[key], step=window["step"])
+                tf.summary.scalar("workers/examples_per_step", share, step=window["step"])
+            self._writers[worker["name"]].flush()
+
+    def _check(self, window, own):
+        median = statistics.median(own)
+        for i, value in enumerate(own):
+            above = median > 0 and value > self.warn_ratio * median
+            self._above[i] = self._above.get(i, 0) + 1 if above else 0
+            if self.warning is None and self._above[i] >= self.windows:
+                worker = window["workers"][i]
+                parts = {"input": worker["input_ms"], "compute": worker["compute_ms"],
+                         "collective wait": worker["collective_wait_ms"]}
+                dominant = max(parts, key=parts.get)
+                self.warning = (f"tfpar: straggler: {worker['name']} takes {value:.0f} ms of its own per step, "
+                                f"{value / median:.2f}x the median {median:.0f} ms, over the last "
+                                f"{self.windows * self.every} steps; {dominant} dominates (input "
+                                f"{parts['input']:.0f} ms, compute {parts['compute']:.0f} ms, collective wait "
+                                f"{parts['collective wait']:.0f} ms per step)"
+                                + ("." if self.state.balance else "; --balance_batches gives it a smaller share."))
+                if self.print_fn:  # the chief's; the other workers know it too (report()) but stay quiet
+                    self.print_fn(self.warning)
+
+    def report(self):
+        """What summary.json keeps: the last window per worker, the warning, and the shares over time."""
+        last = self.history[-1] if self.history else None
+        return {"workers": last["workers"] if last else [], "straggler_warning": self.warning,
+                "balance_batches": self.state.balance,
+                "shares": last["shares"] if last else self.state.shares.numpy().tolist(),
+                "shares_history": [[w["step"], w["shares"]] for w in self.history]}
