@@ -200,7 +200,7 @@ def tracked_metrics(model):
 
 
 def update_states(model, states, x, y, y_pred, sample_weight, loss):
-    """``tracked_metrics``' new states after one batch (``states`` in, nothing assigned), as Keras's steps update them."""
+    """``tracked_metrics``' new states after one batch, from ``states`` (nothing assigned), as Keras updates them."""
     new = []
     for metric, state in zip(tracked_metrics(model), states):
         if metric is model._loss_tracker:

@@ -16,7 +16,7 @@ COLUMNS = ("input_ms", "compute_ms", "collective_wait_ms", "examples")
 
 
 class Timing:
-    """What the timed step and ``tfpar.step.stragglers.WorkerTimes`` share (plain Python: not tracked, not checkpointed).
+    """What the timed step and ``stragglers.WorkerTimes`` share (plain Python: not tracked, not checkpointed).
 
     ``shares``: each replica's slice of the global batch when ``balance``;
     ``times``: the last step's row per replica (``COLUMNS``), gathered on every worker.

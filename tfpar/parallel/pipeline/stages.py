@@ -105,7 +105,8 @@ def run(model, plan, parts, trace=None):
                             upstream[(r, s - 1, m)] = grads[0]
                             grads = grads[1:]
                         previous = summed.get((r, s))
-                        summed[(r, s)] = grads if previous is None else [pieces.add(a, b) for a, b in zip(previous, grads)]
+                        summed[(r, s)] = grads if previous is None else [
+                            pieces.add(a, b) for a, b in zip(previous, grads)]
     grads_and_vars = []
     for s in range(S):
         with tf.device(plan.devices[s]), tf.name_scope(f"stage{s}_all_reduce"):
