@@ -196,3 +196,16 @@ def test_accumulation_refuses_shares_it_cannot_split():
     plans.of(model).timing = types.SimpleNamespace(balance=True, shares=shares, replicas=2, global_batch=16)
     with pytest.raises(ValueError, match="multiple of 2"):
         steps.accumulate(model, 2)
+
+
+def test_rebalanced_shares_stay_multiples_of_the_micro_batches():
+    import types
+
+    from tfpar.step import steps, stragglers
+
+    model = _compiled()
+    steps.accumulate(model, 3)
+    callback = stragglers.WorkerTimes(types.SimpleNamespace(balance=True, global_batch=24), ["a", "b"])
+    callback.set_model(model)
+    shares = stragglers.shares_for([2.0, 1.0], 24, 3, multiple=callback._multiple())
+    assert sum(shares) == 24 and all(share % 3 == 0 for share in shares), shares
