@@ -128,7 +128,8 @@ def test_a_loss_scale_optimizer_has_its_inner_optimizer_wrapped():
     target = all_reduce.use_bfloat16(lso)
     assert target is lso.inner_optimizer
     hook = lso.inner_optimizer._all_reduce_sum_gradients
-    assert hook.tfpar_all_reduce_dtype == "bfloat16"
+    assert "_all_reduce_sum_gradients" in vars(lso.inner_optimizer) and "_all_reduce_sum_gradients" not in vars(lso)
+    assert all_reduce.settings(lso) == all_reduce.settings(lso.inner_optimizer) == ("bfloat16", None)
     assert all_reduce.use_bfloat16(lso) is target and lso.inner_optimizer._all_reduce_sum_gradients is hook  # once
 
 

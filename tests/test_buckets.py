@@ -56,13 +56,13 @@ def _fit(strategy, bucket_mb, *, micro=1, jit="off", policy="float32", dtype="fl
 
 
 def _fused_statistics(strategy):
-    """BN-like ``mean`` variables assigned per variable (each its own all-reduce) and fused (tfpar.steps.assign)."""
+    """BN-like ``mean`` variables assigned per variable (each its own all-reduce) and fused (tfpar.step.pieces.assign)."""
     import types
 
     import keras
     import tensorflow as tf
 
-    from tfpar.step import steps
+    from tfpar.step import pieces
 
     with strategy.scope():
         per_variable = [keras.Variable(np.zeros(n, "float32"), trainable=False, aggregation="mean") for n in (3, 5, 1)]
@@ -76,7 +76,7 @@ def _fused_statistics(strategy):
             mine = [tf.gather(tf.constant(v), rid) for v in values]
             for variable, value in zip(per_variable, mine):
                 variable.assign(value)
-            steps.assign(types.SimpleNamespace(variables=fused), {str(i): v for i, v in enumerate(mine)})
+            pieces.assign(types.SimpleNamespace(variables=fused), {str(i): v for i, v in enumerate(mine)})
 
         strategy.run(replica_fn)
 
@@ -154,13 +154,17 @@ def test_bfloat16_and_buckets_combine_in_either_order():
     first = all_reduce.use_buckets(keras.optimizers.SGD(0.1), 4)
     all_reduce.use_bfloat16(first)
     second = all_reduce.use_bfloat16(keras.optimizers.SGD(0.1))
+    hook = second._all_reduce_sum_gradients
     all_reduce.use_buckets(second, 4)
+    assert second._all_reduce_sum_gradients is hook  # one wrapper per optimizer, whatever is switched on
     for opt in (first, second):
-        hook = opt._all_reduce_sum_gradients
-        assert (hook.tfpar_all_reduce_dtype, hook.tfpar_bucket_bytes) == ("bfloat16", 4 * 2 ** 20)
+        assert all_reduce.settings(opt) == ("bfloat16", 4 * 2 ** 20)
+        assert "_all_reduce_sum_gradients" in vars(opt)
     all_reduce.use_buckets(second, 0)  # back to one batch, still bfloat16
-    assert second._all_reduce_sum_gradients.tfpar_all_reduce_dtype == "bfloat16"
-    assert not hasattr(second._all_reduce_sum_gradients, "tfpar_bucket_bytes")
+    assert all_reduce.settings(second) == ("bfloat16", None) and "_all_reduce_sum_gradients" in vars(second)
+    third = all_reduce.use_buckets(keras.optimizers.SGD(0.1), 4)
+    all_reduce.use_buckets(third, 0)  # float32 in one batch: Keras's own hook again
+    assert all_reduce.settings(third) == ("float32", None) and "_all_reduce_sum_gradients" not in vars(third)
 
 
 @pytest.mark.parametrize("name", ["bucketed", "bucketed_default"])

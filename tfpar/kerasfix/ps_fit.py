@@ -46,6 +46,8 @@ import numpy as np
 from tfpar.core.devices import is_parameter_server  # noqa: F401  (tfpar.kerasfix.ps_fit.is_parameter_server)
 from tfpar.kerasfix import ps_variables
 from tfpar.kerasfix import saving as worker_saving
+from tfpar.step import builder, pieces
+from tfpar.step import plan as plans
 
 log = logging.getLogger("tfpar")
 
@@ -110,18 +112,7 @@ def _local_dataset(x):
     return x if isinstance(x, tf.data.Dataset) else x(tf.distribute.InputContext())
 
 
-def _unpack(data):
-    from keras.src.trainers.data_adapters import data_adapter_utils
-
-    return data_adapter_utils.unpack_x_y_sample_weight(data)
-
-
 # ------------------------------------------------------------------ metrics
-
-
-def _tracked_metrics(model):
-    """The metrics whose state travels with each step: the loss and the compiled metrics."""
-    return [m for m in (model._loss_tracker, model._compile_metrics) if m is not None]
 
 
 def _trainer_class():
@@ -134,29 +125,12 @@ def _uses_default_train_step(model):
     return type(model).train_step is _trainer_class().train_step
 
 
-def _update_states(model, states, x, y, y_pred, sample_weight, loss):
-    """New metric states after one batch, as Keras's train/test step updates them."""
-    import tensorflow as tf
-    from keras.src import tree
-    from keras.src.losses import loss as loss_module
-
-    new = []
-    for metric, state in zip(_tracked_metrics(model), states):
-        if metric is model._loss_tracker:
-            batch = tf.shape(next(i for i in tree.flatten(x) if i is not None))[0]
-            new.append(metric.stateless_update_state(
-                state, loss_module.unscale_loss_for_distribution(loss), sample_weight=batch))
-        else:
-            new.append(metric.stateless_update_state(state, y, y_pred, sample_weight=sample_weight))
-    return new
-
-
 class _StateSum:
     """Adds the metric-state changes that finished functions return; results like ``get_metrics_result``."""
 
     def __init__(self, model):
         self.model = model
-        self.metrics = _tracked_metrics(model)
+        self.metrics = pieces.tracked_metrics(model)
         self.initial = [[np.asarray(v) for v in m.stateless_reset_state()] for m in self.metrics]
         self.total = [[v.copy() for v in state] for state in self.initial]
 
@@ -190,29 +164,18 @@ def _train_function(model, steps):
     """
     import tensorflow as tf
 
-
     strategy = model.distribute_strategy
     default_step = _uses_default_train_step(model)
-    updates, stale = staleness_counters(model)
+    plan = plans.of(model)
+    plan.partitioned, plan.staleness = True, staleness_counters(model)  # weights on several ps tasks; counted updates
+    step = builder.delta_step(model)
 
     def replica_step(data):
-        initial = [m.stateless_reset_state() for m in _tracked_metrics(model)]
-        if not default_step:
-            model.train_step(data)  # a custom step keeps Keras's stateful metrics
-            return [[tf.zeros_like(v) for v in state] for state in initial]
-        x, y, sample_weight = _unpack(data)
-        seen = updates.read_value()  # updates applied before this step reads the weights
-        with tf.control_dependencies([seen]), tf.GradientTape() as tape:
-            y_pred = model(x, training=True)
-            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-            scaled = model.optimizer.scale_loss(loss)
-        weights = model.trainable_weights
-        grads = ps_variables.gradients(tape, scaled, weights)  # partitioned weights too
-        with tf.control_dependencies([g for g in grads if g is not None]):  # counted as its update is applied
-            stale.assign_add(updates.assign_add(1, read_value=True) - 1 - seen)
-        model.optimizer.apply_gradients(zip(grads, weights))
-        new = _update_states(model, initial, x, y, y_pred, sample_weight, loss)
-        return [[n - i for n, i in zip(ns, si)] for ns, si in zip(new, initial)]
+        if default_step:
+            return step(data)
+        initial = [m.stateless_reset_state() for m in pieces.tracked_metrics(model)]
+        model.train_step(data)  # a custom step keeps Keras's stateful metrics
+        return [[tf.zeros_like(v) for v in state] for state in initial]
 
     @tf.function
     def function(iterator):
@@ -261,10 +224,10 @@ def _test_function(model):
         if custom:
             model.test_step(data)  # Keras's stateful metrics: exact here, on the one coordinator
             return states
-        x, y, sample_weight = _unpack(data)
+        x, y, sample_weight = pieces.unpack(data)
         y_pred = model(x, training=False)
         loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False)
-        return _update_states(model, states, x, y, y_pred, sample_weight, loss)
+        return pieces.update_states(model, states, x, y, y_pred, sample_weight, loss)
 
     return function
 
@@ -276,7 +239,7 @@ def _build(model, x):
     """Build the model, compiled metrics and optimizer (slots on the ps tasks) from one local batch."""
 
     if not (model.built and model.optimizer.built and all(
-            getattr(m, "built", True) for m in _tracked_metrics(model))):
+            getattr(m, "built", True) for m in pieces.tracked_metrics(model))):
         for batch in _local_dataset(x).take(1):
             model._maybe_symbolic_build(data_batch=batch)
     ps_variables.support_sharded_variables(model.optimizer)
@@ -421,7 +384,7 @@ def evaluate(model, x=None, y=None, batch_size=None, verbose="auto", sample_weig
             callbacks, add_progbar=verbose != 0, verbose=2 if verbose == "auto" else verbose, epochs=1,
             steps=steps, model=model)
     test = _cached(model, "test", lambda: _test_function(model))
-    metrics = _tracked_metrics(model)
+    metrics = pieces.tracked_metrics(model)
     states = [m.stateless_reset_state() for m in metrics]
     custom = type(model).test_step is not _trainer_class().test_step
     if custom:

@@ -1,8 +1,9 @@
 """What Keras 3 lacks to train under ``ParameterServerStrategy``: partitioned weights and lost servers.
 
 Keras 3's TF optimizer and ``GradientTape`` use cannot handle a weight
-partitioned over several ps tasks (a ``ShardedVariable``); ``gradients``
-and ``support_sharded_variables`` let ``tfpar.kerasfix.ps_fit`` train them.
+partitioned over several ps tasks (a ``ShardedVariable``);
+``support_sharded_variables`` and the step plan's ``partitioned`` gradients
+(``tfpar.step.pieces.gradients``) let ``tfpar.kerasfix.ps_fit`` train them.
 ``is_ps_failure``/``lost_ps_error`` turn a lost ps task into one clear error.
 """
 
@@ -11,41 +12,11 @@ class ParameterServerError(RuntimeError):
     """A parameter server was lost; the variables it held are gone."""
 
 
-
 def shards(weight):
-    """The ``tf.Variable`` pieces of a Keras weight: its shards when partitioned."""
-    import tensorflow as tf
+    """The ``tf.Variable`` pieces of a Keras weight: its shards when partitioned (``tfpar.step.pieces.shards``)."""
+    from tfpar.step import pieces
 
-    value = getattr(weight, "value", weight)
-    if isinstance(value, tf.__internal__.distribute.ShardedVariable):
-        return list(value.variables)
-    return [value]
-
-
-
-def gradients(tape, loss, weights):
-    """Gradients per Keras weight, for partitioned weights too.
-
-    ``tape.gradient`` on a Keras weight asks for ``value.handle``, which a
-    ``ShardedVariable`` lacks; so differentiate with respect to the shards
-    and concatenate (variables are partitioned along axis 0).
-    """
-    import tensorflow as tf
-
-    pieces = [shards(w) for w in weights]
-    flat = tape.gradient(loss, [v for shards in pieces for v in shards])
-    grads, at = [], 0
-    for shards in pieces:
-        part = flat[at:at + len(shards)]
-        at += len(shards)
-        if len(part) == 1:
-            grads.append(part[0])
-        elif any(g is None for g in part):
-            grads.append(None)
-        else:
-            grads.append(tf.concat([tf.convert_to_tensor(g) for g in part], axis=0))
-    return grads
-
+    return pieces.shards(weight)
 
 
 def support_sharded_variables(optimizer):
@@ -63,8 +34,8 @@ def support_sharded_variables(optimizer):
 
     sharded_type = tf.__internal__.distribute.ShardedVariable
     for opt in (optimizer, getattr(optimizer, "inner_optimizer", None)):
-        if opt is None or getattr(opt, "_tfpar_sharded_updates", False):
-            continue
+        if opt is None or "_distributed_tf_update_step" in vars(opt):
+            continue  # wrapped already
         keras_update = opt._distributed_tf_update_step
         keras_decay = opt._apply_weight_decay
 
@@ -91,7 +62,6 @@ def support_sharded_variables(optimizer):
 
         opt._distributed_tf_update_step = update
         opt._apply_weight_decay = decay
-        opt._tfpar_sharded_updates = True
 
 
 

@@ -32,7 +32,13 @@ steps each worker computes new shares from the gathered compute times with
 ``shares_for`` (proportional to measured speed, at least a minimum, summing
 to the global batch); the inputs are the same everywhere, so the shares are.
 BatchNormalization normalises each slice with its own statistics, as it does
-each replica's batch in plain synchronous training.
+each replica's batch in plain synchronous training. With gradient
+accumulation each replica's slice is split into its micro-batches, so the
+shares are multiples of the number of micro-batches.
+
+``enable`` puts the shared ``tfpar.step.timing.Timing`` into the model's step
+plan; ``tfpar.step.builder`` builds the timed step with whatever else the
+plan holds, in any order.
 """
 
 import logging
@@ -44,11 +50,13 @@ import time
 import keras
 import tensorflow as tf
 
+from tfpar.step import builder, timing
+from tfpar.step import plan as plans
+from tfpar.step.timing import COLUMNS, SLOW_ENV  # noqa: F401  (tfpar.stragglers.SLOW_ENV, COLUMNS)
+
 log = logging.getLogger("tfpar")
 
 WARN_RATIO = 1.25  # a worker whose own step time stays above this times the median is named
-SLOW_ENV = "TFPAR_TEST_SLOW_REPLICA"  # test-only seam: "REPLICA:MS_PER_EXAMPLE" ("*" every replica) sleeps in a step
-COLUMNS = ("input_ms", "compute_ms", "collective_wait_ms", "examples")
 
 
 # --------------------------------------------------------------------------- the share rule
@@ -98,120 +106,7 @@ def minimum_share(global_batch, replicas, fraction):
     return max(1, int(math.floor(fraction * global_batch / replicas)))
 
 
-# --------------------------------------------------------------------------- in the step
-
-class _State:
-    """The variables the step and the callback share (plain Python: not tracked, not checkpointed)."""
-
-    def __init__(self, strategy, replicas, global_batch, balance, shares, slow):
-        self.replicas, self.global_batch, self.balance, self.slow = replicas, global_batch, balance, slow
-        with tf.init_scope(), strategy.scope():
-            self.clock = tf.Variable(0.0, trainable=False)  # one copy per replica: orders only its own stamps
-        with tf.init_scope():
-            self.host_begin = tf.Variable(0.0, dtype=tf.float64, trainable=False)
-            self.times = tf.Variable(tf.zeros((replicas, len(COLUMNS)), tf.float32), trainable=False)
-            self.shares = tf.Variable(shares, dtype=tf.int32, trainable=False)
-
-
-def _slow_seam():
-    """``(replica, ms per example)`` from ``TFPAR_TEST_SLOW_REPLICA``: a test-only slowdown, or None."""
-    value = os.environ.get(SLOW_ENV, "")
-    if not value:
-        return None
-    replica, _, ms = value.partition(":")
-    return (-1 if replica == "*" else int(replica)), float(ms)
-
-
-def _sleep(ms):
-    time.sleep(float(ms) / 1000.0)
-    return 0.0
-
-
-# The clock reads and the test seam's sleep are functions taking the replica's own copy of a variable.
-# Inside a tf.function, TensorFlow orders every stateful op with no resource input (tf.timestamp,
-# py_function) in one chain in program order, across replicas too: under MirroredStrategy replica 1's
-# first stamp would wait for replica 0's stamps and sleeps. A call with a resource input is ordered
-# only with the other users of that resource: here, the same replica's stamps.
-@tf.function(autograph=False)
-def _stamp(handle):
-    del handle
-    return tf.timestamp()
-
-
-@tf.function(autograph=False)
-def _nap(handle, ms):
-    del handle
-    return tf.ensure_shape(tf.py_function(_sleep, [ms], tf.float32), [])  # a known shape: gradients stay packable
-
-
-def _scaled(grad, factor):
-    """``grad * factor``, for dense gradients and for the sparse ones of embeddings (``IndexedSlices``)."""
-    if grad is None:
-        return None
-    if isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(grad.values * tf.cast(factor, grad.dtype), grad.indices, grad.dense_shape)
-    return grad * tf.cast(factor, grad.dtype)
-
-
-def train_step(model, state):
-    """tfpar's step (``tfpar.steps``) with the replica's times recorded and, when balancing, its slice."""
-    from keras.src.losses import loss as loss_module
-
-    from tfpar.step import all_reduce, steps
-
-    forward_backward = steps.forward_backward(model)
-
-    def step(data):
-        context = tf.distribute.get_replica_context()
-        replica = context.replica_id_in_sync_group
-        leaves = [t for t in tf.nest.flatten(data) if t is not None]
-        clock = state.clock.handle  # this replica's copy
-        with tf.control_dependencies(leaves):
-            arrived = _stamp(clock)
-        x, y, sample_weight = steps.unpack(data)
-        if state.balance:  # read each step: new shares need no retracing
-            shares = state.shares.read_value()
-            start, size = tf.reduce_sum(shares[:replica]), shares[replica]
-            x, y, sample_weight = tf.nest.map_structure(
-                lambda t: None if t is None else t[start:start + size], (x, y, sample_weight))
-        examples = tf.cast(steps.batch_size(x), tf.float32)
-        (loss, y_pred, grads), updates = forward_backward(steps.state_of(model), x, y, sample_weight)
-        if state.balance:  # the slice's mean / replicas -> the slice's sum / global batch
-            factor = examples * (state.replicas / state.global_batch)
-            grads = [_scaled(g, factor) for g in grads]
-        if state.slow is not None:  # test-only seam: this replica sleeps per example before its gradients are ready
-            chosen = tf.logical_or(tf.equal(replica, state.slow[0]), state.slow[0] < 0)
-            ms = tf.where(chosen, examples * state.slow[1], 0.0)
-            with tf.control_dependencies([g for g in grads if g is not None]):
-                slept = _nap(clock, ms)
-            grads = [None if g is None else g + tf.cast(slept, g.dtype) * 0 for g in grads]
-        variables = model.variables  # static shapes, lost by slicing: collectives pack only known shapes
-        updates = {k: tf.ensure_shape(v, variables[int(k)].shape) for k, v in updates.items()}
-        grads = [g if g is None or isinstance(g, tf.IndexedSlices) else tf.ensure_shape(g, w.shape)
-                 for g, w in zip(grads, model.trainable_weights)]
-        steps.assign(model, updates)
-        optimizer = model.optimizer
-        bucketed = all_reduce.bucket_bytes(optimizer) is not None and not steps._clips(optimizer)
-        summed = all_reduce.sum_before_apply(optimizer, grads) if bucketed else None
-        with tf.control_dependencies([g for g in grads if g is not None]):
-            ready = _stamp(clock)
-        if bucketed:
-            with tf.control_dependencies([g for g in summed if g is not None]):
-                done = _stamp(clock)
-            with all_reduce.summed_already(optimizer):
-                optimizer.apply_gradients(zip(summed, model.trainable_weights))
-        else:  # Keras's own all-reduce inside apply_gradients: the update is counted as waiting too
-            optimizer.apply_gradients(zip(grads, model.trainable_weights))
-            with tf.control_dependencies([optimizer.iterations.read_value()]):
-                done = _stamp(clock)
-        row = tf.cast(tf.stack([(arrived - state.host_begin.read_value()) * 1000.0, (ready - arrived) * 1000.0,
-                                (done - ready) * 1000.0, tf.cast(examples, tf.float64)]), tf.float32)
-        state.times.assign(context.all_gather(row[None], axis=0))
-        model._loss_tracker.update_state(loss_module.unscale_loss_for_distribution(loss), sample_weight=examples)
-        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
-    return step
-
+# --------------------------------------------------------------------------- the step
 
 def distribute(strategy, dataset):
     """``dataset`` (global batches) given whole to every replica, for balanced steps that slice it themselves.
@@ -230,20 +125,14 @@ def distribute(strategy, dataset):
 
 def supported(model):
     """Why ``model`` cannot record worker times (a sentence), or None when it can."""
-    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
-
-    from tfpar.step import steps, xla
-
     strategy = model.distribute_strategy
     if not isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
         return "worker times and balanced batches need mirrored or multi_worker training"
     if strategy.num_replicas_in_sync < 2:
         return "worker times and balanced batches need two or more replicas"
-    if type(model).train_step is not TensorFlowTrainer.train_step:
+    if builder.defines_own(model, "train"):
         return f"model {model.name!r} defines its own train_step"
-    if steps.micro_batches(model) > 1:
-        return "balanced batches work with one batch per step (grad_accum_steps=1)"
-    if xla.state(model).get("train") in ("xla", "fallback"):
+    if plans.of(model).xla.get("train") in ("xla", "fallback"):
         return "balanced batches do not combine with per-replica XLA (jit_compile=off)"
     if (getattr(model, "steps_per_execution", 1) or 1) > 1:
         return "worker times are per step: use steps_per_execution=1"
@@ -251,29 +140,34 @@ def supported(model):
 
 
 def enable(model, global_batch, balance=False, shares=None):
-    """Give ``model`` the timed (and, with ``balance``, sliced) step; returns the shared ``_State``.
+    """Time ``model``'s train step per replica (and, with ``balance``, slice the global batch); returns the state.
 
-    Call after ``compile`` and ``tfpar.all_reduce.buckets``. ``shares``: the
-    starting shares (default even). With ``balance`` train on
-    ``distribute(strategy, dataset)``.
+    ``global_batch``: the examples of one step over all replicas (with
+    gradient accumulation, all micro-batches). ``shares``: the starting
+    shares (default even, in multiples of the micro-batches). With
+    ``balance`` train on ``distribute(strategy, dataset)``. Call after
+    ``compile``; the order with the other step features does not matter.
 
     Raises:
       ValueError: the model or strategy cannot (``supported``), or ``shares``
-        do not sum to ``global_batch``.
+        do not sum to ``global_batch`` in multiples of the micro-batches.
     """
     reason = supported(model)
     if reason:
         raise ValueError(f"tfpar.stragglers: {reason}.")
+    plan = plans.of(model)
     replicas = model.distribute_strategy.num_replicas_in_sync
-    shares = list(shares) if shares is not None else even_shares(global_batch, replicas)
-    if len(shares) != replicas or sum(shares) != global_batch or min(shares) < 1:
-        raise ValueError(f"shares must be {replicas} positive counts summing to the global batch {global_batch}, "
-                         f"got {shares}.")
-    state = _State(model.distribute_strategy, replicas, global_batch, balance, shares, _slow_seam())
-    model.train_step = train_step(model, state)
-    model.train_step.tfpar_accumulating = True  # tfpar.steps.install may take it back like its own step
-    model.train_function = None
-    return state
+    count = plan.micro_batches
+    if shares is not None:
+        shares = list(shares)
+    elif count == 1:
+        shares = even_shares(global_batch, replicas)
+    else:
+        shares = shares_for([1.0] * replicas, global_batch, count, multiple=count)
+    timing.check_shares(shares, replicas, global_batch, count if balance else 1)
+    plan.timing = timing.Timing(model.distribute_strategy, replicas, global_batch, balance, shares, timing.slow_seam())
+    builder.install(model)
+    return plan.timing
 
 
 # --------------------------------------------------------------------------- the callback
@@ -335,9 +229,14 @@ class WorkerTimes(keras.callbacks.Callback):
         self._check(window, own)
         if self.rebalance:
             speeds = [m[3] / m[1] if m[1] > 0 else 0.0 for m in means]
-            new = shares_for(speeds, self.state.global_batch, self.minimum, multiple=2)
+            new = shares_for(speeds, self.state.global_batch, self.minimum, multiple=self._multiple())
             if new != shares:
                 self.state.shares.assign(new)
+
+    def _multiple(self):
+        """Shares in multiples of 2 (see ``shares_for``) times the micro-batches each replica splits its share into."""
+        count = plans.of(self.model).micro_batches if self.model is not None else 1
+        return 2 * count if self.state.global_batch % (2 * count) == 0 else count
 
     def _write(self, window):
         if not self.log_dir:

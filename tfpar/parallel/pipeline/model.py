@@ -14,7 +14,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from tfpar.step import steps
+from tfpar.step import pieces
 from tfpar.parallel.pipeline import stages as stages_lib
 
 
@@ -60,16 +60,16 @@ class PipelineModel(keras.Model):
         return self.original.compute_output_spec(inputs)
 
     def train_step(self, data):
-        x, y, sample_weight = steps.unpack(data)
+        x, y, sample_weight = pieces.unpack(data)
         plan = self._plan
         count = plan.micro_batches * plan.replicas
         size = next(t for t in tf.nest.flatten(x) if t is not None).shape[0]
         if size is not None and size % count:
             raise ValueError(f"A batch of {size} does not split into {plan.micro_batches} micro-batches x "
                              f"{plan.replicas} pipeline copies; make the batch a multiple of {count}.")
-        parts = steps._split((x, y, sample_weight), count)
+        parts = pieces.split((x, y, sample_weight), count)
         grads_and_vars, loss, y_pred = stages_lib.run(self, plan, parts, trace=plan.trace)
-        self._loss_tracker.update_state(loss, sample_weight=steps.batch_size(x))
+        self._loss_tracker.update_state(loss, sample_weight=pieces.batch_size(x))
         self.optimizer.apply_gradients(grads_and_vars)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 

@@ -20,6 +20,7 @@ micro-batch at 1 / (M x copies) in the stage that holds the weight.
 import tensorflow as tf
 
 from tfpar.parallel.pipeline import schedules
+from tfpar.step import pieces
 
 
 class Trace:
@@ -104,7 +105,8 @@ def run(model, plan, parts, trace=None):
                             upstream[(r, s - 1, m)] = grads[0]
                             grads = grads[1:]
                         previous = summed.get((r, s))
-                        summed[(r, s)] = grads if previous is None else [_add(a, b) for a, b in zip(previous, grads)]
+                        summed[(r, s)] = grads if previous is None else [
+                            pieces.add(a, b) for a, b in zip(previous, grads)]
     grads_and_vars = []
     for s in range(S):
         with tf.device(plan.devices[s]), tf.name_scope(f"stage{s}_all_reduce"):
@@ -120,8 +122,3 @@ def run(model, plan, parts, trace=None):
         y_pred = tf.nest.map_structure(lambda *p: tf.concat(p, 0), *[predictions[k] for k in range(M * D)])
     return grads_and_vars, loss, y_pred
 
-
-def _add(a, b):
-    if a is None or b is None:
-        return a if b is None else b
-    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)

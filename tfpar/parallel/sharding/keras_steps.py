@@ -19,18 +19,8 @@ import tensorflow as tf
 from tensorflow.experimental import dtensor
 
 from tfpar.parallel.sharding.layers import adapt_layers
-
-_KERAS_TRAIN_STEP = None
-
-
-def _keras_train_step():
-    global _KERAS_TRAIN_STEP
-    if _KERAS_TRAIN_STEP is None:
-        from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
-
-        _KERAS_TRAIN_STEP = TensorFlowTrainer.train_step
-    return _KERAS_TRAIN_STEP
-
+from tfpar.step import builder
+from tfpar.step import plan as plans
 
 def pack_batch(value, dmesh, batch_axis):
     """A host tensor as a DTensor split on ``batch_axis`` (replicated if it does not divide evenly).
@@ -68,7 +58,8 @@ def attach(model, layouts, batch_axis=None):
     Keras creates lazily (metrics, optimizer slots) are created on the first
     step inside the scope's variable creator, so they get layouts too.
     """
-    if getattr(model, "_tfpar_layouts", None) is layouts:
+    plan = plans.of(model)
+    if plan.layouts is layouts:
         return model
     optimizer = getattr(model, "optimizer", None)
     outside = [v.path for v in (optimizer.variables if optimizer is not None else [])
@@ -76,7 +67,11 @@ def attach(model, layouts, batch_axis=None):
     if outside:
         raise ValueError(f"The optimizer was created outside layout_scope (its variable {outside[0]!r} is not a "
                          f"DTensor variable); create it inside the scope, next to the model.")
-    model._tfpar_layouts = layouts
+    plan.layouts = layouts
+    # A gradient can come out in another layout than its weight (a replicated
+    # bias after a column-split kernel comes out split); the update needs the weight's.
+    plan.relayout = lambda grads: [g if g is None else dtensor.relayout(g, layouts.layout(layouts.specs[w.path]))
+                                   for g, w in zip(grads, model.trainable_weights)]
     dmesh = layouts.mesh
     batch_axis = batch_axis or dmesh.dim_names[0]
     pack = lambda data: tf.nest.map_structure(lambda v: pack_batch(v, dmesh, batch_axis), data)  # noqa: E731
@@ -123,32 +118,13 @@ def attach(model, layouts, batch_axis=None):
     def make_train_function(self, force=False):
         if self.train_function is not None and not force:
             return self.train_function
-        own_step = type(self).train_step is not _keras_train_step()
+        own_step = builder.defines_own(self, "train")
 
         @tf.function(reduce_retracing=True)
         def user_step(data):
             self.train_step(data)
 
-        @tf.function(reduce_retracing=True)
-        def gradients(data):
-            from keras.src import tree
-            from keras.src.losses import loss as loss_module
-            from keras.src.trainers.data_adapters import data_adapter_utils
-
-            x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
-            with tf.GradientTape() as tape:
-                y_pred = self(x, training=True) if self._call_has_training_arg else self(x)
-                loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
-                self._loss_tracker.update_state(
-                    loss_module.unscale_loss_for_distribution(loss),
-                    sample_weight=tf.shape(next(i for i in tree.flatten(x) if i is not None))[0])
-                scaled = self.optimizer.scale_loss(loss)
-            self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-            grads = tape.gradient(scaled, self.trainable_weights)
-            # A gradient can come out in another layout than its weight (a replicated
-            # bias after a column-split kernel comes out split); the update needs the weight's.
-            return [g if g is None else dtensor.relayout(g, layouts.layout(layouts.specs[w.path]))
-                    for g, w in zip(grads, self.trainable_weights)]
+        gradients = tf.function(builder.gradient_step(self), reduce_retracing=True)
 
         @tf.function
         def apply(grads):
