@@ -29,6 +29,7 @@ function that writes the checkpoint.
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -147,6 +148,13 @@ def differences(recorded, current):
     theirs = ", ".join(f"{k}={recorded[k]!r}" for k in differing)
     ours = ", ".join(f"{k}={current[k]!r}" for k in differing)
     return f"{theirs}, this run has {ours}"
+
+
+def weights_signature(model):
+    """What a checkpoint must match to load into ``model``: optimizer class, weight shapes and dtypes, in order."""
+    shapes = [[list(v.shape), str(v.dtype)] for v in model.weights]
+    text = json.dumps([type(model.optimizer).__name__, shapes])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def refuse_foreign(directory, recorded, current, remedy=REMEDY):

@@ -28,12 +28,12 @@ outside multi-worker runs, the resume one applies under any strategy.
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
 
 from tfpar.core import backup_store
+from tfpar.core.backup_store import weights_signature
 from tfpar.core.devices import barrier, is_multi_worker
 from tfpar.core.epoch_resume import EpochResume, normalized
 from tfpar.core.summary import write_json_atomic
@@ -205,13 +205,6 @@ def _state(callback):
     if state is None:
         state = callback._tfpar_backup = KerasBackupState()
     return state
-
-
-def weights_signature(model):
-    """What a weights file must match to load into ``model``: optimizer class, shapes and dtypes in order."""
-    shapes = [[list(v.shape), str(v.dtype)] for v in model.weights]
-    text = json.dumps([type(model.optimizer).__name__, shapes])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _read_json(path):

@@ -38,6 +38,31 @@ check_compatible = store.check_compatible
 remove = store.remove
 
 
+# ------------------------------------------------------------------ restoring a checkpoint
+
+
+def build_optimizer(model):
+    """Create the optimizer's slots now, under the model's strategy, so that reading a checkpoint restores them."""
+    if not model.optimizer.built:
+        with model.distribute_strategy.scope():
+            model.optimizer.build(model.trainable_variables)
+
+
+def read_checkpoint(checkpoint, prefix, backup_dir, options=None):
+    """Restore ``checkpoint`` from ``prefix``: every variable must be found there, or one sentence says why not.
+
+    Values the checkpoint holds beyond them (an older layout's bookkeeping) are ignored.
+    """
+    try:
+        checkpoint.read(prefix, options=options).assert_existing_objects_matched().expect_partial()
+    except (tf.errors.OpError, AssertionError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"The backup {os.path.dirname(prefix)} could not be restored ({first}); "
+            f"delete {backup_dir} to train from scratch."
+        ) from None
+
+
 # ------------------------------------------------------------------ callback
 
 
@@ -107,9 +132,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         model = self.model
-        if not model.optimizer.built:
-            with model.distribute_strategy.scope():
-                model.optimizer.build(model.trainable_variables)
+        build_optimizer(model)
         self._checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         self.steps_per_epoch = self.steps_per_epoch or self.params.get("steps")
         if self.is_chief and os.path.isdir(self.backup_dir):
@@ -122,14 +145,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._watch = preemption.watch(self.grace_period, print_fn=self.print_fn)
 
     def _restore(self, backup):
-        try:
-            self._checkpoint.read(backup.checkpoint_prefix, options=self._options()).assert_existing_objects_matched()
-        except (tf.errors.OpError, AssertionError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(
-                f"The backup {backup.path} could not be restored ({first}); "
-                f"delete {self.backup_dir} to train from scratch."
-            ) from None
+        read_checkpoint(self._checkpoint, backup.checkpoint_prefix, self.backup_dir, self._options())
         self._step = backup.step
         self.model._initial_epoch = backup.epoch
         if backup.batch:
