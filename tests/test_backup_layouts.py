@@ -125,3 +125,49 @@ def test_sharded_trainer_saves_a_backup_and_restores_it_and_the_old_layout(tmp_p
     _assert_same(older.get_weights(), fresh.get_weights())
     with pytest.raises(ValueError, match="No sharded checkpoint in"):
         make().restore(str(tmp_path / "nothing"))
+
+
+class _RayCheckpoint:
+    """What restore_ray_checkpoint uses of a ``ray.train.Checkpoint``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def as_directory(self):
+        import contextlib
+
+        return contextlib.nullcontext(self.path)
+
+
+def _touch_checkpoint(prefix):
+    with open(prefix + ".index", "wb") as f:
+        f.write(b"index")
+
+
+def test_a_ray_checkpoint_is_copied_into_the_backup_dir_once(tmp_path):
+    from tfpar.run import ray as tfpar_ray
+
+    made = backup_store.write(str(tmp_path / "ray"), _touch_checkpoint, step=12, epoch=2, num_workers=2)
+    backup_dir = tmp_path / "backup"
+    assert tfpar_ray.restore_ray_checkpoint(_RayCheckpoint(made.path), str(backup_dir)) == str(
+        backup_dir / "step-000000012")
+    found = backup_store.latest(str(backup_dir))
+    assert (found.step, found.epoch, found.num_workers) == (12, 2, 2)
+    assert sorted(os.listdir(backup_dir)) == ["step-000000012"]  # no temporary copy left
+    # A backup as new is already there (another worker's copy won): it is used as it is.
+    assert tfpar_ray.restore_ray_checkpoint(_RayCheckpoint(made.path), str(backup_dir)) == found.path
+    assert tfpar_ray.restore_ray_checkpoint(None, str(backup_dir)) is None
+    with pytest.raises(ValueError, match=r"is not a tfpar backup \(unreadable metadata"):
+        tfpar_ray.restore_ray_checkpoint(_RayCheckpoint(str(tmp_path)), str(backup_dir))
+
+
+def test_staged_keeps_the_first_copy_when_not_replacing(tmp_path):
+    final = str(tmp_path / "step-000000001")
+    for content in (b"first", b"second"):
+        with backup_store.staged(final, replace=False) as work:
+            (tmp_path / work / "f").write_bytes(content)
+    assert (tmp_path / "step-000000001" / "f").read_bytes() == b"first"
+    with backup_store.staged(final) as work:
+        (tmp_path / work / "f").write_bytes(b"third")
+    assert (tmp_path / "step-000000001" / "f").read_bytes() == b"third"
+    assert sorted(os.listdir(tmp_path)) == ["step-000000001"]
