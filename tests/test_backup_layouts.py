@@ -1,4 +1,4 @@
-"""Parameter-server and sharded checkpoints are backups of tfpar.core.backup_store: step-N/ with ckpt.* + backup.json."""
+"""Parameter-server, sharded and Ray checkpoints are backups of tfpar.core.backup_store (step-N/: ckpt.*, backup.json)."""
 
 import json
 import os

@@ -203,7 +203,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._watch.close()
             self._watch = None
         raise ValueError(
-            f"The loss became {loss} at step {self._step} (epoch {self._position.epoch + 1}); training stopped and {where}; "
+            f"The loss became {loss} at step {self._step} (epoch {self._position.epoch + 1}); training stopped "
+            f"and {where}; "
             f"lower the learning rate or check the data."
         )
 
