@@ -14,6 +14,7 @@ import pytest
 
 from helpers import quiet_env, run_reaped, tfpar_train_command
 
+from tfpar.core import backup_store
 from tfpar.runtime import backup
 from tfpar.run import cli, driver as train
 
@@ -84,14 +85,14 @@ def _other_models_run(model_dir):
 
 def _backup(model_dir, num_workers=1, **signature):
     """A well-formed backup on disk (its checkpoint bytes are never read: the metadata is refused first)."""
-    step = model_dir / "backup" / "step-000000004"
-    step.mkdir(parents=True)
-    (step / "ckpt.index").write_bytes(b"index")
-    meta = {"format": backup.FORMAT, "step": 4, "epoch": 1, "batch": 0, "num_workers": num_workers,
-            "signature": {"model": "resnet18", "num_classes": 10, "image_size": 16, "width_multiplier": 0.125,
-                          "optimizer": "sgd", **signature},
-            "files": backup._describe_files(str(step))}
-    (step / "backup.json").write_text(json.dumps(meta))
+
+    def save(prefix):
+        with open(prefix + ".index", "wb") as f:
+            f.write(b"index")
+
+    backup_store.write(str(model_dir / "backup"), save, step=4, epoch=1, num_workers=num_workers,
+                       signature={"model": "resnet18", "num_classes": 10, "image_size": 16,
+                                  "width_multiplier": 0.125, "optimizer": "sgd", **signature})
 
 
 def _file_as_parent(tmp_path):

@@ -1,4 +1,4 @@
-"""Keras 3's own saving across workers (tfpar/worker_saving.py, applied by tfpar.compat).
+"""Keras 3's own saving across workers (tfpar/kerasfix/saving.py, applied by tfpar.compat).
 
 The slow tests run plain Keras ``fit`` with ``keras.callbacks.BackupAndRestore``,
 ``ModelCheckpoint`` and ``model.save`` as 2 worker processes through
@@ -17,7 +17,7 @@ import pytest
 
 from helpers import run_reaped
 
-from tfpar.kerasfix import compat
+from tfpar.kerasfix import compat, saving
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -103,9 +103,28 @@ def test_a_backup_of_another_model_is_refused_in_one_sentence_and_kept(tmp_path)
     before = _snapshot(tmp_path / "backup")
     with pytest.raises(ValueError) as err:
         _fit_with_backup(_tiny(5), tmp_path / "backup")
-    assert str(err.value) == (f"The backup in {tmp_path / 'backup'} was written by another model (other optimizer "
-                              f"or weight shapes); use a new backup_dir or delete {tmp_path / 'backup'} to start over.")
+    theirs, ours = saving.weights_signature(_tiny(3)), saving.weights_signature(_tiny(5))  # optimizer, shapes
+    assert theirs != ours
+    assert str(err.value) == (f"The backup in {tmp_path / 'backup'} is of another model (weights={theirs!r}, this "
+                              f"run has weights={ours!r}); use a new backup_dir or delete {tmp_path / 'backup'} "
+                              f"to start over.")
     assert _snapshot(tmp_path / "backup") == before
+
+
+def test_a_backup_of_another_keras_major_version_is_refused_in_one_sentence(tmp_path):
+    import keras
+
+    compat.apply()
+    _fit_with_backup(_tiny(3), tmp_path / "backup")
+    meta_path = tmp_path / "backup" / "training_metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["tfpar"]["keras_version"] = "9.0.0"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as err:
+        _fit_with_backup(_tiny(3), tmp_path / "backup")
+    major = keras.__version__.split(".")[0]
+    assert str(err.value) == (f"The backup in {tmp_path / 'backup'} is of another model (keras='9', this run has "
+                              f"keras={major!r}); use a new backup_dir or delete {tmp_path / 'backup'} to start over.")
 
 
 def test_a_backup_dir_of_tf_keras_or_another_tool_is_refused_and_kept(tmp_path):

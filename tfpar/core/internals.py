@@ -72,7 +72,7 @@ HOOKS = (
          "keras.src.trainers.data_adapters.data_adapter_utils:unpack_x_y_sample_weight", "calls", "data",
          used_by="step/pieces.py"),
     Hook("initial_epoch", "@model:_initial_epoch", "sets", read_by=f"{_TRAINER}:TensorFlowTrainer.fit",
-         used_by="backup.py (resume at the backed-up epoch, as Keras's BackupAndRestore does)"),
+         used_by="runtime/backup.py, parameter_server.py, kerasfix/saving.py (resume at the backed-up epoch)"),
     Hook("tree_map_structure", "keras.src.tree:map_structure", "calls", "func", used_by="compat.py"),
     # --- Keras layers ---------------------------------------------------------------------
     Hook("call_has_training_arg", "@model:_call_has_training_arg", "calls", used_by="step/pieces.py"),
@@ -97,19 +97,19 @@ HOOKS = (
          "variable", used_by="kerasfix/ps_variables.py"),
     # --- Keras callbacks ------------------------------------------------------------------
     Hook("callback_list_history", "@callbacks:_history", "calls", used_by="sharding/trainer.py"),
-    # --- Keras saving across workers (tfpar/worker_saving.py) -------------------------------
+    # --- Keras saving across workers (tfpar/kerasfix/saving.py) -----------------------
     Hook("saving_api_save_model", "keras.src.saving.saving_api:save_model", "source",
          used_by="compat.py model_save_chief_only (does Keras ask for the chief?)"),
     Hook("saving_api_save_weights", "keras.src.saving.saving_api:save_weights", "source",
          used_by="compat.py model_save_chief_only"),
     Hook("model_checkpoint_save_model", "keras.callbacks:ModelCheckpoint._save_model", "wraps",
-         "self, epoch, batch, logs", used_by="worker_saving.py install_model_checkpoint"),
+         "self, epoch, batch, logs", used_by="kerasfix/saving.py install_model_checkpoint"),
     Hook("backup_save_model", "keras.callbacks:BackupAndRestore._save_model", "wraps", "self",
-         used_by="worker_saving.py"),
+         used_by="kerasfix/saving.py"),
     Hook("backup_load_model", "keras.callbacks:BackupAndRestore._load_model", "wraps", "self",
-         used_by="worker_saving.py install_backup_resume"),
+         used_by="kerasfix/saving.py install_backup_resume"),
     Hook("backup_weights_path", "keras.callbacks:BackupAndRestore.__init__", "source",
-         used_by="worker_saving.py (_weights_path, _training_metadata_path, _prev_*_path, _current_epoch)"),
+         used_by="kerasfix/saving.py (_weights_path, _training_metadata_path, _prev_*_path, _current_epoch)"),
     # --- Keras fit under ParameterServerStrategy (tfpar/ps_fit.py) -------------------------
     Hook("trainer_fit", f"{_TRAINER}:TensorFlowTrainer.fit", "source", used_by="compat.py parameter_server_fit"),
     Hook("trainer_evaluate", f"{_TRAINER}:TensorFlowTrainer.evaluate", "calls",

@@ -33,7 +33,11 @@ def versions():
 
 
 def write_json_atomic(path, payload):
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    """Write JSON to a temporary file beside ``path``, flush it to disk and rename it into place.
+
+    The only JSON writer in tfpar: summaries, backup metadata and the entry tfpar adds to Keras's
+    ``training_metadata.json`` appear whole or not at all.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
@@ -41,6 +45,8 @@ def write_json_atomic(path, payload):
         with os.fdopen(fd, "w") as f:
             json.dump(payload, f, indent=2, sort_keys=True, default=str)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

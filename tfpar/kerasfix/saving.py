@@ -7,16 +7,19 @@ every worker deletes the backup at the end. tf_keras let only the chief write
 the real path and gave the other workers a temporary directory. Saving must
 still run on every worker (all of them must take part when a variable read is
 a collective), so here the other workers save into a private temporary
-directory (``worker_temp_dir``) that is removed at once, as ``tfpar.backup``
-does for its own backups.
+directory that is removed at once: the rule of ``tfpar.core.backup_store``,
+which tfpar's own backups follow too.
 
 ``BackupAndRestore`` also drops half of what it records: its metadata has the
 batch, but a restart resumes at the start of the epoch and redoes those
-steps, and its next mid-epoch backup records epoch 0. ``resume_*`` below make
-a restart continue at the saved epoch and step (ending the resumed epoch
-after the steps it still owed, as ``tfpar.backup`` does), and refuse, in one
-sentence and before anything is written, a backup directory that holds
-another model's backup or something that is not a Keras 3 backup.
+steps, and its next mid-epoch backup records epoch 0. ``install_backup_resume``
+makes a restart continue at the saved epoch and step (ending the resumed epoch
+after the steps it still owed: ``tfpar.core.epoch_resume``, as tfpar's own
+callback does), and refuses, in one sentence and before anything is written, a
+backup directory that holds another model's backup
+(``backup_store.refuse_foreign``) or something that is not a Keras 3 backup.
+Each ``BackupAndRestore`` keeps this state in one attribute,
+``_tfpar_backup`` (a ``KerasBackupState``).
 
 The install functions are called by ``tfpar.compat.apply()``. Each wraps the
 few Keras methods involved; the chief-only ones delegate to Keras unchanged
@@ -24,13 +27,16 @@ outside multi-worker runs, the resume one applies under any strategy.
 """
 
 import contextlib
-import hashlib
+import dataclasses
 import json
 import os
 import shutil
-import tempfile
 
+from tfpar.core import backup_store
+from tfpar.core.backup_store import weights_signature
 from tfpar.core.devices import barrier, is_multi_worker
+from tfpar.core.epoch_resume import EpochResume, normalized
+from tfpar.core.summary import write_json_atomic
 
 METADATA_KEY = "tfpar"  # our entry in BackupAndRestore's training_metadata.json
 # BackupAndRestore's attributes naming the files it writes (Keras 3.x).
@@ -50,14 +56,9 @@ def _task_name(strategy):
     return f"{getattr(resolver, 'task_type', 'worker')}-{getattr(resolver, 'task_id', 0)}"
 
 
-@contextlib.contextmanager
 def worker_temp_dir(strategy, what):
     """A private temporary directory for a non-chief worker's copy; removed on exit."""
-    path = tempfile.mkdtemp(prefix=f"tfpar-{what}-{_task_name(strategy)}-")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    return backup_store.worker_temp_dir(_task_name(strategy), what)
 
 
 # ------------------------------------------------------------------ model.save / save_weights
@@ -153,7 +154,8 @@ def install_backup_chief_only():
         if not _is_other_worker(strategy):
             return originals["on_train_begin"](self, logs)
         real = {name: getattr(self, name) for name in BACKUP_PATHS}
-        self._tfpar_real_backup_dir = self.backup_dir
+        state = _state(self)
+        state.chief_dir = self.backup_dir
         try:
             with worker_temp_dir(strategy, "restore") as tmp, _backup_paths_in(self, tmp):
                 for name, path in real.items():
@@ -161,7 +163,7 @@ def install_backup_chief_only():
                         shutil.copy(path, getattr(self, name))
                 return originals["on_train_begin"](self, logs)
         finally:
-            del self._tfpar_real_backup_dir
+            state.chief_dir = None
 
     def _save_model(self):
         strategy = _strategy_of(self.model)
@@ -190,11 +192,19 @@ def install_backup_chief_only():
 # ------------------------------------------------------------------ BackupAndRestore: where to resume
 
 
-def weights_signature(model):
-    """What a weights file must match to load into ``model``: optimizer class, shapes and dtypes in order."""
-    shapes = [[list(v.shape), str(v.dtype)] for v in model.weights]
-    text = json.dumps([type(model.optimizer).__name__, shapes])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+@dataclasses.dataclass
+class KerasBackupState:
+    """What tfpar keeps on one ``keras.callbacks.BackupAndRestore`` (as ``_tfpar_backup``)."""
+
+    position: EpochResume = dataclasses.field(default_factory=EpochResume)
+    chief_dir: object = None  # the chief's backup_dir while a non-chief worker restores from a private copy
+
+
+def _state(callback):
+    state = getattr(callback, "_tfpar_backup", None)
+    if state is None:
+        state = callback._tfpar_backup = KerasBackupState()
+    return state
 
 
 def _read_json(path):
@@ -205,20 +215,15 @@ def _read_json(path):
         return None
 
 
-def _write_json_atomic(path, data):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _remedy(directory):
+    return f"use a new backup_dir or delete {directory} to start over"
 
 
 def _check_backup_dir(callback):
     """Raise ``ValueError`` (one sentence) for a backup_dir Keras would misread or later delete."""
     import keras
 
-    directory = getattr(callback, "_tfpar_real_backup_dir", None) or callback.backup_dir  # the chief's
+    directory = _state(callback).chief_dir or callback.backup_dir  # the chief's
     if not os.path.isdir(directory) or not os.listdir(directory):
         return
     ours = {os.path.basename(getattr(callback, name)) for name in BACKUP_PATHS}
@@ -228,26 +233,23 @@ def _check_backup_dir(callback):
         raise ValueError(
             f"backup_dir {directory} holds no Keras 3 BackupAndRestore backup ({shown}): another tool's or "
             f"Keras 2's files, which Keras would delete at the end; use an empty or new backup_dir.")
-    meta = _read_json(callback._training_metadata_path) or {}
-    mine = meta.get(METADATA_KEY) or {}
-    version = mine.get("keras_version")
-    if version and version.split(".")[0] != keras.__version__.split(".")[0]:
-        raise ValueError(
-            f"The backup in {directory} was written by Keras {version} and this is Keras {keras.__version__}; "
-            f"use a new backup_dir or delete {directory} to start over.")
-    if mine.get("signature") and mine["signature"] != weights_signature(callback.model):
-        raise ValueError(
-            f"The backup in {directory} was written by another model (other optimizer or weight shapes); "
-            f"use a new backup_dir or delete {directory} to start over.")
+    mine = (_read_json(callback._training_metadata_path) or {}).get(METADATA_KEY) or {}
+    recorded = {}
+    if mine.get("keras_version"):
+        recorded["keras"] = mine["keras_version"].split(".")[0]  # the weights file format follows the major
+    if mine.get("signature"):
+        recorded["weights"] = mine["signature"]
+    current = {"keras": keras.__version__.split(".")[0], "weights": weights_signature(callback.model)}
+    backup_store.refuse_foreign(directory, recorded, current, _remedy(directory))
 
 
 def resumed_steps(callbacks, epoch):
     """Steps of ``epoch`` a restored mid-epoch backup already did (0 if none): a loop that
-    counts steps itself (``tfpar.ps_fit``) runs only the rest, as Keras ``fit`` does with this fix."""
+    counts steps itself (``tfpar.kerasfix.ps_fit``) runs only the rest, as Keras ``fit`` does with this fix."""
     for callback in callbacks:
-        resume = getattr(callback, "_tfpar_resume", None)
-        if resume and resume["epoch"] == epoch:
-            return resume["done"]
+        state = getattr(callback, "_tfpar_backup", None)
+        if state is not None and state.position.steps_before(epoch):
+            return state.position.steps_before(epoch)
     return 0
 
 
@@ -263,65 +265,50 @@ def install_backup_resume():
         if self.model.built and self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)  # as Keras does, for the signature
         _check_backup_dir(self)
-        self._tfpar_resume = None
+        state = _state(self)
+        state.position = EpochResume()
         try:
             result = originals["_load_model"](self)
         except ValueError as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            directory = getattr(self, "_tfpar_real_backup_dir", None) or self.backup_dir
-            raise ValueError(
-                f"The backup in {directory} does not fit this model ({first}); "
-                f"use a new backup_dir or delete {directory} to start over.") from None
+            directory = state.chief_dir or self.backup_dir
+            raise ValueError(f"The backup in {directory} does not fit this model ({first}); "
+                             f"{_remedy(directory)}.") from None
         meta = _read_json(self._training_metadata_path)
         if meta and os.path.exists(self._weights_path):
-            epoch = int(meta.get("epoch", 0))
             mine = meta.get(METADATA_KEY) or {}
             if "steps_done" in mine:
                 done = int(mine["steps_done"])
             else:  # a plain Keras backup: "batch" is the last step's index, 0 also at an epoch's end
                 done = int(meta.get("batch", 0)) + 1 if int(meta.get("batch", 0)) else 0
             steps = (self.params or {}).get("steps")
-            if done and steps and done >= steps:
-                epoch, done = epoch + 1, 0  # the backup was the epoch's last step
+            epoch, done = normalized(int(meta.get("epoch", 0)), done, steps)
             self.model._initial_epoch = epoch
             self._current_epoch = epoch  # Keras leaves it at 0, and the next mid-epoch backup would say epoch 0
             if done and steps:
-                self._tfpar_resume = {"epoch": epoch, "done": done}
+                state.position = EpochResume(resumed_epoch=epoch, done_before=done)
         return result
 
     def on_epoch_begin(self, epoch, logs=None):
         self._current_epoch = epoch
-        self._tfpar_steps_done = 0
-        resume = getattr(self, "_tfpar_resume", None)
-        self._tfpar_offset = resume["done"] if resume and epoch == resume["epoch"] else 0
-        self._tfpar_cut = False
+        _state(self).position.epoch_begin(epoch)
         return originals["on_epoch_begin"](self, epoch, logs)
 
     def on_train_batch_end(self, batch, logs=None):
-        offset = getattr(self, "_tfpar_offset", 0)
-        self._tfpar_steps_done = offset + batch + 1
-        result = originals["on_train_batch_end"](self, batch, logs)
-        steps = (self.params or {}).get("steps")
-        if offset and steps and self._tfpar_steps_done >= steps and not self.model.stop_training:
-            self.model.stop_training = True  # the resumed epoch ends after the steps it still owed
-            self._tfpar_cut = True
-        return result
+        _state(self).position.batch_end(batch, self.model, (self.params or {}).get("steps"))  # before a save reads it
+        return originals["on_train_batch_end"](self, batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
-        if getattr(self, "_tfpar_cut", False):
-            self.model.stop_training = False  # only the epoch ended, not the training
-            self._tfpar_cut = False
-        self._tfpar_steps_done = 0
-        self._tfpar_offset = 0
+        _state(self).position.epoch_end(self.model)
         return originals["on_epoch_end"](self, epoch, logs)
 
     def _save_model(self):
         result = originals["_save_model"](self)
         meta = _read_json(self._training_metadata_path)
         if meta is not None:
-            meta[METADATA_KEY] = {"steps_done": getattr(self, "_tfpar_steps_done", 0),
-                               "signature": weights_signature(self.model), "keras_version": keras.__version__}
-            _write_json_atomic(self._training_metadata_path, meta)
+            meta[METADATA_KEY] = {"steps_done": _state(self).position.done,
+                                  "signature": weights_signature(self.model), "keras_version": keras.__version__}
+            write_json_atomic(self._training_metadata_path, meta)
         return result
 
     for name, fn in (("_load_model", _load_model), ("on_epoch_begin", on_epoch_begin),

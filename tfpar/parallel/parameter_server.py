@@ -11,7 +11,8 @@ module holds what is specific to a parameter-server cluster:
 * ``create()`` gives the chief its strategy and ``ClusterCoordinator``;
 * weights larger than ``min_shard_bytes`` are partitioned over the ps tasks,
   and ``_gradients``/``_support_sharded_variables`` let Keras 3 train them;
-* ``checkpoints()`` saves and restores partitioned weights, and
+* ``checkpoints()`` saves and restores partitioned weights (in the
+  backup layout of ``tfpar.core.backup_store``), and
   ``lost_ps_error`` turns a lost ps task into one clear error;
 * ``run_config`` is ``tfpar-train --strategy=parameter_server``: plain
   Keras ``compile``/``fit`` under the strategy.
@@ -21,11 +22,13 @@ import logging
 import os
 import time
 
+from tfpar.core import backup_store
 from tfpar.kerasfix import ps_variables
 
 log = logging.getLogger("tfpar")
 
 SERVING_TASKS = ("worker", "ps")
+_LEGACY_EPOCH = "epoch/.ATTRIBUTES/VARIABLE_VALUE"  # the epoch in a checkpoint written before issue 26
 
 
 def serve(cluster_info=None, start_only=False):
@@ -99,40 +102,55 @@ def _checkpoint_variables(model):
 
 
 def checkpoints(directory, keep=3):
-    """A Keras callback: chief-only checkpoints of model, optimizer and epoch in ``directory``.
+    """A Keras callback: the chief's checkpoints of model, optimizer and epoch in ``directory``.
 
     Unlike ``keras.callbacks.BackupAndRestore`` (an HDF5 file of the Keras
     weights), it saves the TF variables underneath, so weights partitioned
-    over several ps tasks save and restore too. ``on_train_begin`` restores the
-    latest checkpoint and sets the epoch ``fit`` resumes at; the optimizer's
-    ``iterations`` (the finished-step count, exact at epoch ends) comes back with it.
+    over several ps tasks save and restore too. Each epoch end writes one
+    backup in ``tfpar.core.backup_store``'s layout (``step-N/`` with
+    ``ckpt.*`` and ``backup.json``, which records the epoch), keeping the
+    newest ``keep``. ``on_train_begin`` restores the latest one and sets the
+    epoch ``fit`` resumes at; the optimizer's ``iterations`` (the finished-step
+    count, exact at epoch ends) comes back with it. A backup of a model with
+    other weights is refused in one sentence. A ``tf.train.CheckpointManager``
+    checkpoint that tfpar wrote here before issue 26 still resumes.
     """
     import keras
     import tensorflow as tf
 
+    from tfpar.runtime import backup
+
     class Checkpoints(keras.callbacks.Callback):
         initial_epoch = 0  # the epoch this run resumed at
+        epoch = 0  # epochs done (restored or trained)
 
         def on_train_begin(self, logs=None):
-            # A plain variable on the chief: the epoch a restarted run resumes at.
-            with tf.device("/job:chief/replica:0/task:0/device:CPU:0"):
-                self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-            checkpoint = tf.train.Checkpoint(variables=_checkpoint_variables(self.model), epoch=self.epoch)
-            self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=keep)
-            if self.manager.latest_checkpoint:
-                checkpoint.restore(self.manager.latest_checkpoint).expect_partial()
-                self.model._initial_epoch = self.initial_epoch = int(self.epoch.numpy())
-                log.info("resumed from %s (epoch %d, %d steps)", self.manager.latest_checkpoint,
-                         int(self.epoch.numpy()), int(self.model.optimizer.iterations.numpy()))
+            backup.build_optimizer(self.model)  # its slots are variables to restore too
+            self.checkpoint = tf.train.Checkpoint(variables=_checkpoint_variables(self.model))
+            self.signature = {"weights": backup_store.weights_signature(self.model)}
+            found = backup_store.latest(directory)
+            if found is not None:
+                backup_store.refuse_foreign(directory, found.signature, self.signature)
+                prefix, self.epoch = found.checkpoint_prefix, found.epoch
+            else:
+                prefix = tf.train.latest_checkpoint(directory)  # tfpar's layout before issue 26
+                if prefix:
+                    self.epoch = int(tf.train.load_checkpoint(prefix).get_tensor(_LEGACY_EPOCH))
+            if prefix:
+                backup.read_checkpoint(self.checkpoint, prefix, directory)
+                self.model._initial_epoch = self.initial_epoch = self.epoch
+                log.info("resumed from %s (epoch %d, %d steps)", prefix, self.epoch,
+                         int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)))
 
         def on_epoch_end(self, epoch, logs=None):
-            self.epoch.assign(epoch + 1)
-            self.manager.save(checkpoint_number=epoch + 1)
+            self.epoch = epoch + 1
+            step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+            backup_store.write(directory, self.checkpoint.write, step=step, epoch=self.epoch,
+                               signature=self.signature, max_to_keep=keep)
 
         def resume_hint(self):
-            saved = int(self.epoch.numpy())
-            if not saved:
+            if not self.epoch:
                 return f"no checkpoint in {directory} yet, so the chief starts from scratch"
-            return f"the chief resumes from the latest checkpoint in {directory} (epoch {saved})"
+            return f"the chief resumes from the latest checkpoint in {directory} (epoch {self.epoch})"
 
     return Checkpoints()

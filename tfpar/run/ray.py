@@ -21,7 +21,6 @@ Needs ``pip install "tfpar[ray]"``.
 import dataclasses
 import os
 import shutil
-import tempfile
 
 import keras
 
@@ -72,34 +71,24 @@ def restore_ray_checkpoint(checkpoint, backup_dir):
     """Put a Ray checkpoint (a tfpar backup) into ``backup_dir`` unless a backup as new is there.
 
     Every worker may call this at once on shared storage: each copies to its
-    own temporary name and renames; the first rename wins, the rest drop
-    their copy. Returns the backup directory used, or None.
+    own temporary name and renames (``backup_store.staged``); the first rename
+    wins, the rest drop their copy. Returns the backup directory used, or None.
     """
-    from tfpar.runtime import backup
+    from tfpar.core import backup_store
 
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as source:
-        found = backup._read(source)
-        if not isinstance(found, backup.Backup):
+        found = backup_store.read(source)
+        if not isinstance(found, backup_store.Backup):
             raise ValueError(f"Ray's checkpoint {checkpoint.path} is not a tfpar backup ({found}).")
-        have = backup.latest(backup_dir)
+        have = backup_store.latest(backup_dir)
         if have is not None and have.step >= found.step:
             return have.path
-        final = os.path.join(backup_dir, f"{backup.PREFIX}{found.step:09d}")
-        os.makedirs(backup_dir, exist_ok=True)
-        work = tempfile.mkdtemp(prefix=f"{backup.TMP_PREFIX}ray-", dir=backup_dir)
-        try:
+        final = os.path.join(backup_dir, f"{backup_store.PREFIX}{found.step:09d}")
+        with backup_store.staged(final, replace=False) as work:
             for name in os.listdir(source):
                 shutil.copy2(os.path.join(source, name), os.path.join(work, name))
-            os.rename(work, final)
-            work = None
-        except OSError:
-            if not os.path.isdir(final):
-                raise
-        finally:
-            if work is not None:
-                shutil.rmtree(work, ignore_errors=True)
         return final
 
 
@@ -114,11 +103,11 @@ class ReportToRay(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         from ray import train as ray_train
 
-        from tfpar.runtime import backup
+        from tfpar.core import backup_store
 
         metrics = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
         metrics["epoch"] = epoch + 1
-        newest = backup.latest(self.backup_dir) if self.is_chief else None
+        newest = backup_store.latest(self.backup_dir) if self.is_chief else None
         checkpoint = ray_train.Checkpoint.from_directory(newest.path) if newest is not None else None
         ray_train.report(metrics, checkpoint=checkpoint)
 

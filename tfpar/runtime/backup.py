@@ -1,22 +1,13 @@
-"""Multi-worker-safe backup and restore for ``model.fit``.
+"""Multi-worker-safe backup and restore for ``model.fit``: tfpar's ``BackupAndRestore``.
 
 Keras 3's ``BackupAndRestore`` makes every worker write the same file
 (DESIGN.md item 3). Here every worker takes part in each save, because under
 ``MultiWorkerMirroredStrategy`` reading variables may run collectives, but
-only the chief writes into the backup directory; other workers write to a
-private temporary directory and delete it at once.
-
-Layout of a backup directory::
-
-    step-000000120/            one backup: a tf.train.Checkpoint + backup.json
-      ckpt.index  ckpt.data-00000-of-00001  backup.json
-    .tmp-step-000000140-1234/  a save in progress (or a crash mid-save)
-
-A backup is written under a ``.tmp-`` name and renamed into place when
-complete, so a crash mid-save leaves the previous backup loadable.
-``backup.json`` records the sizes and CRC-32 of the checkpoint files, the
-epoch and step, the number of workers and the model's signature; a backup
-whose files do not match is skipped in favour of the previous one.
+only the chief writes into the backup directory. The layout, the atomic
+chief-only write, the damaged-backup fallback and the foreign-backup refusal
+are ``tfpar.core.backup_store``'s; the mid-epoch cut is
+``tfpar.core.epoch_resume``'s (Keras's own callback, as patched by
+``tfpar.kerasfix.saving``, shares both).
 
 Restoring sets ``model._initial_epoch`` (as Keras's own callback does) and,
 when the backup was taken mid-epoch, ends the resumed epoch after the steps
@@ -27,156 +18,49 @@ batches already trained on (``tfpar.train`` instead builds its pipelines
 with ``data.make(skip_batches=...)``, which skips before decoding).
 """
 
-import dataclasses
 import json
-import logging
 import math
 import os
-import shutil
-import tempfile
-import time
-import zlib
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from tfpar.core import backup_store as store
+from tfpar.core.epoch_resume import EpochResume
 from tfpar.runtime import preemption
 
-log = logging.getLogger("tfpar")
-
-FORMAT = 1
-METADATA = "backup.json"
-PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
-CKPT = "ckpt"
-
-
-@dataclasses.dataclass(frozen=True)
-class Backup:
-    """One complete backup on disk."""
-
-    path: str
-    step: int  # global training steps done
-    epoch: int  # epochs fully done
-    batch: int  # steps done in epoch ``epoch`` (0 at an epoch boundary)
-    num_workers: int
-    signature: dict
-
-    @property
-    def checkpoint_prefix(self):
-        return os.path.join(self.path, CKPT)
+FORMAT, METADATA, PREFIX, TMP_PREFIX, CKPT = store.FORMAT, store.METADATA, store.PREFIX, store.TMP_PREFIX, store.CKPT
+Backup = store.Backup
+read = store.read  # the Backup in one step-* directory, or why it is unusable
+latest = store.latest
+check_compatible = store.check_compatible
+remove = store.remove
 
 
-# ------------------------------------------------------------------ on disk
+# ------------------------------------------------------------------ restoring a checkpoint
 
 
-def _crc32(path):
-    crc = 0
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            crc = zlib.crc32(chunk, crc)
-    return crc
+def build_optimizer(model):
+    """Create the optimizer's slots now, under the model's strategy, so that reading a checkpoint restores them."""
+    if not model.optimizer.built:
+        with model.distribute_strategy.scope():
+            model.optimizer.build(model.trainable_variables)
 
 
-def _describe_files(directory):
-    return {name: {"bytes": os.path.getsize(os.path.join(directory, name)), "crc32": _crc32(os.path.join(directory, name))}
-            for name in sorted(os.listdir(directory)) if name != METADATA}
+def read_checkpoint(checkpoint, prefix, backup_dir, options=None):
+    """Restore ``checkpoint`` from ``prefix``: every variable must be found there, or one sentence says why not.
 
-
-def _read(path):
-    """The ``Backup`` in directory ``path``, or the reason it is unusable."""
-    try:
-        with open(os.path.join(path, METADATA)) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            return f"unknown format {meta.get('format')!r}"
-        for name, want in meta["files"].items():
-            file = os.path.join(path, name)
-            if not os.path.exists(file):
-                return f"{name} is missing"
-            if os.path.getsize(file) != want["bytes"]:
-                return f"{name} has {os.path.getsize(file)} bytes, expected {want['bytes']}"
-            if _crc32(file) != want["crc32"]:
-                return f"{name} fails its CRC-32 check"
-        return Backup(path, int(meta["step"]), int(meta["epoch"]), int(meta["batch"]),
-                      int(meta["num_workers"]), dict(meta["signature"]))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"unreadable metadata ({err})"
-
-
-def _step_dirs(backup_dir):
-    try:
-        names = os.listdir(backup_dir)
-    except FileNotFoundError:
-        return []
-    found = []
-    for name in names:
-        if name.startswith(PREFIX) and name[len(PREFIX):].isdigit():
-            found.append((int(name[len(PREFIX):]), os.path.join(backup_dir, name)))
-    return [path for _, path in sorted(found, reverse=True)]
-
-
-def latest(backup_dir):
-    """The newest intact ``Backup`` in ``backup_dir`` (None if there is none).
-
-    Damaged backups (a truncated file, a failed checksum) are skipped with a
-    warning. If backups exist but none is intact, raise ``ValueError``.
+    Values the checkpoint holds beyond them (an older layout's bookkeeping) are ignored.
     """
-    problems = []
-    for path in _step_dirs(backup_dir):
-        found = _read(path)
-        if isinstance(found, Backup):
-            for skipped in problems:
-                log.warning("tfpar.backup: skipping damaged backup %s", skipped)
-            return found
-        problems.append(f"{path}: {found}")
-    if problems:
-        raise ValueError(
-            f"No intact backup in {backup_dir} ({'; '.join(problems)}); "
-            f"delete {backup_dir} to train from scratch."
-        )
-    return None
-
-
-def check_compatible(backup, signature, num_workers):
-    """Raise ``ValueError`` when ``backup`` belongs to another model or cluster shape."""
-    mismatched = sorted(k for k in signature if k in backup.signature and backup.signature[k] != signature[k])
-    if mismatched:
-        theirs = ", ".join(f"{k}={backup.signature[k]!r}" for k in mismatched)
-        ours = ", ".join(f"{k}={signature[k]!r}" for k in mismatched)
-        raise ValueError(
-            f"The backup in {os.path.dirname(backup.path)} is of another model ({theirs}, this run has {ours}); "
-            f"use a new model_dir or backup_dir, or delete that backup to start over."
-        )
-    if backup.num_workers != num_workers:
-        raise ValueError(
-            f"The backup in {os.path.dirname(backup.path)} was written by {backup.num_workers} worker(s) but "
-            f"this cluster has {num_workers}; restart with {backup.num_workers} workers, or delete that backup "
-            f"to start over."
-        )
-
-
-def _prune(backup_dir, keep):
-    for path in _step_dirs(backup_dir)[keep:]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _remove_stale_tmp(backup_dir):
-    for name in os.listdir(backup_dir) if os.path.isdir(backup_dir) else []:
-        if name.startswith(TMP_PREFIX):
-            shutil.rmtree(os.path.join(backup_dir, name), ignore_errors=True)
-
-
-def remove(backup_dir):
-    """Delete the backups in ``backup_dir`` (and the directory, if that leaves it empty)."""
-    for path in _step_dirs(backup_dir):
-        shutil.rmtree(path, ignore_errors=True)
-    _remove_stale_tmp(backup_dir)
     try:
-        os.rmdir(backup_dir)
-    except OSError:
-        pass
+        checkpoint.read(prefix, options=options).assert_existing_objects_matched().expect_partial()
+    except (tf.errors.OpError, AssertionError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"The backup {os.path.dirname(prefix)} could not be restored ({first}); "
+            f"delete {backup_dir} to train from scratch."
+        ) from None
 
 
 # ------------------------------------------------------------------ callback
@@ -248,35 +132,26 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         model = self.model
-        if not model.optimizer.built:
-            with model.distribute_strategy.scope():
-                model.optimizer.build(model.trainable_variables)
+        build_optimizer(model)
         self._checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
         self.steps_per_epoch = self.steps_per_epoch or self.params.get("steps")
         if self.is_chief and os.path.isdir(self.backup_dir):
-            _remove_stale_tmp(self.backup_dir)
+            store.remove_stale_tmp(self.backup_dir)
         self._step = int(model.optimizer.iterations.numpy())
-        self._epoch_cut = None  # steps after which the resumed epoch ends
+        self._position = EpochResume()
         if self.resume is not None:
             self._restore(self.resume)
         if self.handle_preemption:
             self._watch = preemption.watch(self.grace_period, print_fn=self.print_fn)
 
     def _restore(self, backup):
-        try:
-            self._checkpoint.read(backup.checkpoint_prefix, options=self._options()).assert_existing_objects_matched()
-        except (tf.errors.OpError, AssertionError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(
-                f"The backup {backup.path} could not be restored ({first}); "
-                f"delete {self.backup_dir} to train from scratch."
-            ) from None
+        read_checkpoint(self._checkpoint, backup.checkpoint_prefix, self.backup_dir, self._options())
         self._step = backup.step
         self.model._initial_epoch = backup.epoch
         if backup.batch:
             if not self.steps_per_epoch:
                 raise ValueError(f"The backup {backup.path} was taken mid-epoch; resuming it needs steps_per_epoch.")
-            self._epoch_cut = self.steps_per_epoch - backup.batch
+            self._position = EpochResume(resumed_epoch=backup.epoch, done_before=backup.batch)
         self.resumed = {"epoch": backup.epoch, "batch": backup.batch, "step": backup.step, "path": backup.path}
         self.print_fn(f"resumed from backup {backup.path}: epoch {backup.epoch + 1}, step {backup.step}")
 
@@ -293,38 +168,22 @@ class BackupAndRestore(keras.callbacks.Callback):
     # --- during training -----------------------------------------------
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
-        self._batch = self.resumed["batch"] if self.resumed and epoch == self.resumed["epoch"] else 0
-        self._cut_now = False
+        self._position.epoch_begin(epoch)
 
     def on_train_batch_end(self, batch, logs=None):
-        steps = max(1, getattr(self.model, "steps_per_execution", 1) or 1)
-        self._step += steps
-        self._batch += steps
+        self._step += max(1, getattr(self.model, "steps_per_execution", 1) or 1)
+        self._position.batch_end(batch, self.model, self.steps_per_epoch)
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             self._stop_on_nan(float(loss))
         if self._watch is not None and self._watch.agreed(self.model.distribute_strategy):
-            self._save(*self._position())
+            self._save(*self._position.position(self.steps_per_epoch))
             self._watch.exit(f"backup saved at step {self._step}" if self.last_saved else "no backup saved")
         if self.save_freq != "epoch" and self._step % self.save_freq == 0:
-            self._save(*self._position())
-        if self._epoch_cut is not None and self._epoch == self.resumed["epoch"] and batch + 1 >= self._epoch_cut:
-            self.model.stop_training = True  # ends the resumed epoch at its usual length
-            self._cut_now = True
-
-    def _position(self):
-        """(epochs done, steps done in the current epoch) now; the epoch's last step counts as the next epoch's
-        start, or a resumed run would owe that epoch zero steps and train one too many."""
-        if self.steps_per_epoch and self._batch >= self.steps_per_epoch:
-            return self._epoch + 1, 0
-        return self._epoch, self._batch
+            self._save(*self._position.position(self.steps_per_epoch))
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._cut_now:
-            self.model.stop_training = False  # we only ended the epoch, not the training
-            self._cut_now = False
-        self._batch = 0
+        self._position.epoch_end(self.model)
         if self.save_freq == "epoch":
             self._save(epoch + 1, 0)
 
@@ -344,7 +203,8 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._watch.close()
             self._watch = None
         raise ValueError(
-            f"The loss became {loss} at step {self._step} (epoch {self._epoch + 1}); training stopped and {where}; "
+            f"The loss became {loss} at step {self._step} (epoch {self._position.epoch + 1}); training stopped "
+            f"and {where}; "
             f"lower the learning rate or check the data."
         )
 
@@ -352,33 +212,11 @@ class BackupAndRestore(keras.callbacks.Callback):
         """Every worker writes (collectives); only the chief's copy is kept, renamed into place."""
         if not _all_finite(self.model.trainable_weights):
             self._stop_on_nan(float("nan"))  # never back up a diverged state
-        name = f"{PREFIX}{self._step:09d}"
-        final = os.path.join(self.backup_dir, name)
-        if self.is_chief:
-            os.makedirs(self.backup_dir, exist_ok=True)
-            work = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=self.backup_dir)
-        else:
-            work = tempfile.mkdtemp(prefix=f"tfpar-backup-{self.task_name}-")
-        try:
-            self._checkpoint.write(os.path.join(work, CKPT), options=self._options())
-            if self.is_chief:
-                meta = {"format": FORMAT, "step": self._step, "epoch": epoch, "batch": batch,
-                        "steps_per_epoch": self.steps_per_epoch, "num_workers": self.num_workers,
-                        "signature": self.signature, "time": time.time(), "files": _describe_files(work)}
-                with open(os.path.join(work, METADATA), "w") as f:
-                    json.dump(meta, f, indent=2, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
-                if os.path.exists(final):
-                    shutil.rmtree(final)
-                os.rename(work, final)  # atomic: the backup appears whole or not at all
-                work = None
-                _prune(self.backup_dir, self.max_to_keep)
-                log.info("tfpar.backup: saved %s", final)
-        finally:
-            if work is not None:
-                shutil.rmtree(work, ignore_errors=True)
-        self.last_saved = Backup(final, self._step, epoch, batch, self.num_workers, self.signature)
+        self.last_saved = store.write(
+            self.backup_dir, lambda prefix: self._checkpoint.write(prefix, options=self._options()),
+            step=self._step, epoch=epoch, batch=batch, steps_per_epoch=self.steps_per_epoch,
+            num_workers=self.num_workers, signature=self.signature, is_chief=self.is_chief,
+            task_name=self.task_name, max_to_keep=self.max_to_keep)
 
 
 # ------------------------------------------------------------------ the driver's view
@@ -410,11 +248,9 @@ def check_model_dir(model_dir, this_signature):
             previous = json.load(f).get("config", {})
     except (OSError, ValueError, AttributeError):
         return
-    differing = sorted(k for k, v in this_signature.items() if k in previous and previous[k] != v)
+    differing = store.differences(previous, this_signature)
     if differing:
-        theirs = ", ".join(f"{k}={previous[k]!r}" for k in differing)
-        ours = ", ".join(f"{k}={this_signature[k]!r}" for k in differing)
-        raise ValueError(f"model_dir {model_dir} holds a run of another model ({theirs}, this run has {ours}); "
+        raise ValueError(f"model_dir {model_dir} holds a run of another model ({differing}); "
                          f"use a new model_dir.")
 
 

@@ -9,16 +9,17 @@ It builds and compiles the model inside ``layout_scope``; ``fit``,
     model.fit(...)
 
 What it adds is ``save``/``restore`` of a sharded TF checkpoint (model and
-optimizer state, written atomically, read back into the same layouts).
+optimizer state, read back into the same layouts), written in the backup
+layout every tfpar checkpoint uses (``tfpar.core.backup_store``).
 """
 
 import os
-import shutil
-import tempfile
 
 import keras
 import tensorflow as tf
 
+from tfpar.core import backup_store
+from tfpar.runtime import backup
 from tfpar.parallel.sharding import variables as var_lib
 from tfpar.parallel.sharding.layers import adapt_layers
 
@@ -75,30 +76,32 @@ class ShardedTrainer:
     def _checkpoint(self):
         return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
 
-    def save(self, directory):
-        """Write model and optimizer state to ``directory`` atomically (temporary folder, then rename)."""
-        directory = os.path.abspath(directory)
-        parent = os.path.dirname(directory)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
-        try:
-            self._checkpoint().write(os.path.join(tmp, "ckpt"))
-            old = None
-            if os.path.exists(directory):
-                old = tempfile.mkdtemp(prefix=".old-ckpt-", dir=parent)
-                os.rename(directory, os.path.join(old, "ckpt"))
-            os.rename(tmp, directory)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    def save(self, directory, keep=1):
+        """Write model and optimizer state to ``directory`` as one backup of ``tfpar.core.backup_store``
+        (``step-N/`` with ``ckpt.*`` and ``backup.json``, renamed into place whole); keep the newest ``keep``."""
+        step = int(var_lib.host_value(self.optimizer.iterations))
+        backup_store.write(directory, self._checkpoint().write, step=step,
+                           signature={"weights": backup_store.weights_signature(self.model)}, max_to_keep=keep)
         return directory
 
     def restore(self, directory):
-        """Restore state written by ``save`` into the existing variables (their layouts are kept)."""
-        prefix = os.path.join(directory, "ckpt")
-        if not os.path.exists(prefix + ".index"):
-            raise ValueError(f"No sharded checkpoint in {directory!r} (expected {prefix}.index).")
-        self._checkpoint().read(prefix).assert_existing_objects_matched()
+        """Restore state written by ``save`` into the existing variables (their layouts are kept).
+
+        ``directory`` is what ``save`` was given, one ``step-N`` backup in it,
+        or a checkpoint tfpar wrote before issue 26 (``directory/ckpt.*``).
+        """
+        found = backup_store.read(directory) if os.path.exists(os.path.join(directory, backup_store.METADATA)) \
+            else backup_store.latest(directory)
+        if isinstance(found, str):
+            raise ValueError(f"The sharded checkpoint {directory!r} is unusable ({found}).")
+        if found is not None:
+            backup_store.refuse_foreign(directory, found.signature,
+                                        {"weights": backup_store.weights_signature(self.model)})
+            prefix = found.checkpoint_prefix
+        else:
+            prefix = os.path.join(directory, backup_store.CKPT)  # the layout before issue 26
+            if not os.path.exists(prefix + ".index"):
+                raise ValueError(f"No sharded checkpoint in {directory!r} (expected {backup_store.PREFIX}*/ "
+                                 f"with {backup_store.METADATA}).")
+        backup.read_checkpoint(self._checkpoint(), prefix, directory)
         return self
