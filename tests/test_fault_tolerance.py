@@ -208,6 +208,13 @@ def test_lost_peer_is_named_from_tfs_heartbeat_errors():
     assert peers.lost_peers(unhealthy, worker2) == ["worker-1"]  # never itself
     assert peers.lost_peers(cut_off, worker2) == ["worker-0"]  # the coordination leader
     assert peers.lost_peers("Socket closed", worker2) == []
+    # A peer SIGKILLed mid-collective, before any heartbeat is missed (seen in tests/test_netns.py).
+    reset = ("Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC error information "
+             "from remote target /job:worker/replica:0/task:1 while calling /tensorflow.WorkerService/RecvBuf:\n"
+             ":UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:\"recvmsg:Connection reset by peer\"}")
+    assert peers.lost_peers(reset, worker0) == ["worker-1"]
+    aborted = reset.replace("grpc_status:14", "grpc_status:10")  # an abort relayed by a peer that is alive
+    assert peers.lost_peers(aborted, worker2) == []
     assert peers.heartbeat_timeout(300) == 10 and peers.heartbeat_timeout(20) == 5
 
 

@@ -27,6 +27,7 @@ import time
 EXIT_UNREACHABLE = 69  # sysexits EX_UNAVAILABLE: the other tasks could not be reached
 MAX_HEARTBEAT_TIMEOUT_SEC = 10.0  # TF's own default heartbeat timeout
 _UNHEALTHY = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+_UNREACHABLE_TARGET = re.compile(r"from remote target /job:(\w+)/replica:\d+/task:(\d+)[^\n]*\n[^\n]*grpc_status:14")
 
 
 class Unreachable(SystemExit):
@@ -174,14 +175,19 @@ class Heartbeat:
 
 
 def lost_peers(message, info):
-    """The task names a TF peer-loss error names: the tasks that stopped sending heartbeats, or the
-    coordination leader when this task's own heartbeats to it failed (its link is the one cut)."""
+    """The task names a TF peer-loss error names: the tasks that stopped sending heartbeats; the remote
+    targets whose connection failed (gRPC UNAVAILABLE, e.g. a peer killed mid-collective, before any heartbeat
+    was missed); or the coordination leader when this task's own heartbeats to it failed (its link is cut)."""
     _, marker, tail = message.partition("stopped sending heartbeats")
     if marker:
         names = [f"{job}-{task}" for job, task in _UNHEALTHY.findall(tail.split("The tasks have")[0])]
         names = [n for n in dict.fromkeys(names) if n != info.task_name]
         if names:
             return names
+    names = [f"{job}-{task}" for job, task in _UNREACHABLE_TARGET.findall(message)]
+    names = [n for n in dict.fromkeys(names) if n != info.task_name]
+    if names:
+        return names
     if "CoordinationService" in message:  # e.g. "RPC: /tensorflow.CoordinationService/Heartbeat"
         import tensorflow as tf
         from tensorflow.python.distribute import multi_worker_util
