@@ -14,7 +14,7 @@ import time
 import pytest
 
 from helpers import reap as _reap
-from tfpar.runtime import launcher, preemption
+from tfpar.runtime import launcher, peers, preemption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = [sys.executable, os.path.join(ROOT, "scripts", "train.py")]
@@ -154,7 +154,7 @@ def test_a_worker_that_cannot_reach_the_others_exits_with_a_clear_error(tmp_path
                             env=dict(_env(), TF_CONFIG=json.dumps(tf_config)))
     started = time.monotonic()
     code, out = _finish(proc, 180)
-    assert code == preemption.EXIT_UNREACHABLE, out[-3000:]
+    assert code == peers.EXIT_UNREACHABLE, out[-3000:]
     assert ("tfpar-train: error: worker-1 could not reach the other workers within 10 s; check that every task "
             "is started and that the TF_CONFIG addresses are reachable.") in out
     assert "Traceback" not in out
@@ -204,11 +204,143 @@ def test_lost_peer_is_named_from_tfs_heartbeat_errors():
                  "The tasks have crashed. Check the task logs for an earlier error, or scheduler events (e.g. "
                  "preemption, eviction) to debug further.")
     cut_off = "Collective ops is aborted by: Deadline Exceeded\nRPC: /tensorflow.CoordinationService/Heartbeat"
-    assert preemption.lost_peers(unhealthy, worker0) == ["worker-1", "worker-2"]
-    assert preemption.lost_peers(unhealthy, worker2) == ["worker-1"]  # never itself
-    assert preemption.lost_peers(cut_off, worker2) == ["worker-0"]  # the coordination leader
-    assert preemption.lost_peers("Socket closed", worker2) == []
-    assert preemption.heartbeat_timeout(300) == 10 and preemption.heartbeat_timeout(20) == 5
+    assert peers.lost_peers(unhealthy, worker0) == ["worker-1", "worker-2"]
+    assert peers.lost_peers(unhealthy, worker2) == ["worker-1"]  # never itself
+    assert peers.lost_peers(cut_off, worker2) == ["worker-0"]  # the coordination leader
+    assert peers.lost_peers("Socket closed", worker2) == []
+    # A peer SIGKILLed mid-collective, before any heartbeat is missed (seen in tests/test_netns.py).
+    reset = ("Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC error information "
+             "from remote target /job:worker/replica:0/task:1 while calling /tensorflow.WorkerService/RecvBuf:\n"
+             ":UNKNOWN:Error received from peer  {grpc_status:14, grpc_message:\"recvmsg:Connection reset by peer\"}")
+    assert peers.lost_peers(reset, worker0) == ["worker-1"]
+    aborted = reset.replace("grpc_status:14", "grpc_status:10")  # an abort relayed by a peer that is alive
+    assert peers.lost_peers(aborted, worker2) == []
+    assert peers.heartbeat_timeout(300) == 10 and peers.heartbeat_timeout(20) == 5
+
+
+def _worker(index, workers=2):
+    from tfpar.runtime import cluster
+
+    spec = {"worker": [f"198.18.0.{i + 1}:2222" for i in range(workers)]}
+    return cluster.from_tf_config(json.dumps({"cluster": spec, "task": {"type": "worker", "index": index}}))
+
+
+LOST_TAIL = "exiting with 69 so the whole cluster is restarted and resumes from the last backup.\n"
+UNREACHABLE_TAIL = "; check that every task is started and that the TF_CONFIG addresses are reachable.\n"
+
+
+def test_peers_that_do_not_register_in_time_end_the_task_with_one_line_and_exit_69(capsys, monkeypatch):
+    import tensorflow as tf
+    from tfpar.runtime import cluster
+
+    configured = []
+    monkeypatch.setattr(peers, "_configure_register_timeout", lambda info, seconds: configured.append(seconds))
+    with pytest.raises(peers.Unreachable) as caught:
+        with peers.within(10, _worker(1)):
+            raise tf.errors.DeadlineExceededError(None, None, "registration timed out")
+    assert caught.value.code == peers.EXIT_UNREACHABLE == 69 and configured == [10]
+    assert capsys.readouterr().err == ("tfpar-train: error: worker-1 could not reach the other workers within 10 s"
+                                       + UNREACHABLE_TAIL)
+    with pytest.raises(tf.errors.DeadlineExceededError):  # one process: no deadline to configure, no line
+        with peers.within(10, cluster.ClusterInfo()):
+            raise tf.errors.DeadlineExceededError(None, None, "not about peers")
+    assert configured == [10] and capsys.readouterr().err == ""
+
+
+def test_connect_retries_until_its_deadline_then_names_what_it_could_not_reach(capsys, monkeypatch):
+    import tensorflow as tf
+
+    calls = []
+
+    def refuse_twice(resolver, job_name, task_index, protocol, make_master_device_default):
+        calls.append((job_name, task_index))
+        if len(calls) <= 2:
+            raise tf.errors.UnavailableError(None, None, "connection refused\nmore detail")
+
+    monkeypatch.setattr(tf.config, "experimental_connect_to_cluster", refuse_twice)
+    peers.connect(_worker(0), 60)  # a retry a second
+    assert calls == [("worker", 0)] * 3  # retried, as this task, until it connected
+    assert capsys.readouterr().err == ""
+
+    calls.clear()
+    with pytest.raises(peers.Unreachable) as caught:
+        peers.connect(_worker(0), 0.5, "the pipeline's stage tasks")
+    assert caught.value.code == 69 and len(calls) == 2  # refused, retried a second later, past the deadline
+    assert capsys.readouterr().err == ("tfpar-train: error: worker-0 could not reach the pipeline's stage tasks "
+                                       "within 0.5 s (connection refused)" + UNREACHABLE_TAIL)
+
+
+def test_a_peer_lost_during_collectives_ends_the_task_with_one_line_naming_it(capsys):
+    import tensorflow as tf
+    from tfpar.runtime import cluster
+
+    unhealthy = ("The following tasks are unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:1\n"
+                 "The tasks have crashed.")
+    with pytest.raises(peers.Unreachable) as caught:
+        with peers.stay(_worker(0), 20):
+            raise tf.errors.UnavailableError(None, None, unhealthy)
+    assert caught.value.code == 69
+    assert capsys.readouterr().err == ("tfpar-train: error: worker-0 lost contact with worker-1 (198.18.0.2:2222) "
+                                       "during training (heartbeat timeout 5 s); " + LOST_TAIL)
+    with pytest.raises(tf.errors.UnavailableError):  # one process: no peers to lose
+        with peers.stay(cluster.ClusterInfo(), 20):
+            raise tf.errors.UnavailableError(None, None, unhealthy)
+    with pytest.raises(ValueError):  # not a peer-loss error
+        with peers.stay(_worker(0), 20):
+            raise ValueError("a bug")
+    assert capsys.readouterr().err == ""
+
+
+class _SilentHeartbeat:
+    """A heartbeat that never finds a lost task (a real one would have exited the process)."""
+    timeout = 0.1
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_with_a_heartbeat_a_failed_step_waits_for_its_verdict_and_then_is_the_news():
+    import tensorflow as tf
+
+    heartbeat = _SilentHeartbeat()
+    started = time.monotonic()
+    with pytest.raises(tf.errors.InternalError):
+        with peers.stay(_worker(0), 20, heartbeat):
+            raise tf.errors.InternalError(None, None, "a step failed")
+    assert time.monotonic() - started >= heartbeat.timeout + 2.0 and heartbeat.closed
+    heartbeat = _SilentHeartbeat()
+    with peers.stay(_worker(0), 20, heartbeat):
+        pass
+    assert heartbeat.closed  # the heartbeat ends with the training it guards
+
+
+_HEARTBEAT = """
+import sys, time
+import tensorflow as tf
+from tfpar.runtime import cluster, peers
+tf.config.set_soft_device_placement(False)
+info = cluster.from_tf_config(sys.argv[1])
+peers.Heartbeat(info, {"the local CPU": "/job:localhost/replica:0/task:0/device:CPU:0",
+                       "pipeline task worker-1 (198.18.0.2:2222, stage 1 of copy 0)":
+                           "/job:worker/replica:0/task:1/device:CPU:0"}, 1.0)
+time.sleep(120)
+"""
+
+
+def test_a_heartbeat_names_the_task_that_does_not_answer_and_exits_69():
+    tf_config = json.dumps({"cluster": {"worker": ["198.18.0.1:2222", "198.18.0.2:2222"]},
+                            "task": {"type": "worker", "index": 0}})
+    proc = subprocess.Popen([sys.executable, "-c", _HEARTBEAT, tf_config], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, env=_env())
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        _reap(proc)
+    assert proc.returncode == 69, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("tfpar-train: error:")]
+    assert lines == ["tfpar-train: error: worker-0 lost contact with pipeline task worker-1 (198.18.0.2:2222, stage 1 "
+                     "of copy 0): no answer within 1 s; " + LOST_TAIL.strip()], err[-3000:]
 
 
 RECORD = os.path.join(ROOT, "tests", "record_examples.py")

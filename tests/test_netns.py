@@ -15,7 +15,7 @@ import pytest
 
 from helpers import tfpar_train_command
 
-from tfpar.runtime import preemption
+from tfpar.runtime import peers
 
 PORT = 2222  # every host may use the same port: each namespace has its own
 TINY = ["--model=resnet18", "--width_multiplier=0.125", "--batch_size=32", "--steps_per_epoch=4",
@@ -142,13 +142,13 @@ def test_lost_peer_mid_run_every_survivor_exits_naming_it_and_restart_resumes(ne
     codes = finish([procs[i] for i in survivors], timeout + 30)
     took = time.monotonic() - lost_at
     out = [logs[i].read_text() for i in range(2)]
-    assert codes == [preemption.EXIT_UNREACHABLE] * len(survivors), "\n".join(o[-3000:] for o in out)
+    assert codes == [peers.EXIT_UNREACHABLE] * len(survivors), "\n".join(o[-3000:] for o in out)
     assert took < timeout, took
     for i in survivors:
         peer = 1 - i
         lines = [line for line in out[i].splitlines() if line.startswith("tfpar-train: error:")]
         assert lines == [f"tfpar-train: error: worker-{i} lost contact with worker-{peer} ({spec['worker'][peer]}) "
-                         f"during training (heartbeat timeout {preemption.heartbeat_timeout(timeout):g} s); exiting "
+                         f"during training (heartbeat timeout {peers.heartbeat_timeout(timeout):g} s); exiting "
                          f"with 69 so the whole cluster is restarted and resumes from the last backup."], out[i][-3000:]
         assert "Traceback" not in out[i]
     if fault == "sigkill":

@@ -16,7 +16,7 @@ import pytest
 from helpers import quiet_env, reap, run_reaped, tfpar_train_command
 
 from tfpar.run import cli
-from tfpar.runtime import preemption
+from tfpar.runtime import peers
 from tfpar.parallel.pipeline import placement
 
 LAUNCH = [sys.executable, "-m", "tfpar.launcher"]
@@ -170,7 +170,7 @@ def test_a_stage_task_that_stops_answering_ends_the_run_and_restarts_resume_to_t
     assert proc.returncode == 0, out[-4000:]
     lost = [line for line in out.splitlines() if "lost contact with pipeline task" in line]
     assert len(lost) == 1 and "worker-1 (127.0.0.1:" in lost[0] and "stage 1 of copy 0" in lost[0], out[-4000:]
-    assert f"worker-0 exited with {preemption.EXIT_UNREACHABLE}; restarting all tasks (restart 1)" in out
+    assert f"worker-0 exited with {peers.EXIT_UNREACHABLE}; restarting all tasks (restart 1)" in out
     # The resumed run's last epoch may be a part of one, so its mean train loss is not comparable.
     got, _ = _assert_same_run(model_dir, two_stage_reference, keys=("val_loss",))
     assert got["resumed_from"]["step"] >= 2, got["resumed_from"]

@@ -19,46 +19,21 @@ module holds what is specific to a parameter-server cluster:
 """
 
 import logging
-import os
-import time
 
 from tfpar.core import backup_store
 from tfpar.kerasfix import ps_variables
+from tfpar.runtime import server
 
 log = logging.getLogger("tfpar")
 
-SERVING_TASKS = ("worker", "ps")
+SERVING_TASKS = server.SERVING_TASKS
 _LEGACY_EPOCH = "epoch/.ATTRIBUTES/VARIABLE_VALUE"  # the epoch in a checkpoint written before issue 26
 
 
 def serve(cluster_info=None, start_only=False):
-    """Run this worker or ps task's ``tf.distribute.Server`` and block forever.
-
-    ``cluster_info`` defaults to ``tfpar.cluster.detect()`` (``TF_CONFIG``).
-    ``start_only=True`` returns the started server instead of joining it.
-    """
-    from tfpar.runtime import cluster as cluster_lib
-
-    info = cluster_info or cluster_lib.detect()
-    if info.task_type not in SERVING_TASKS or not info.cluster_spec:
-        raise ValueError(
-            f"serve() is for 'worker' and 'ps' tasks of a TF_CONFIG cluster; this task is {info.task_name!r}."
-        )
-    import tensorflow as tf
-
-    config = tf.compat.v1.ConfigProto()
-    if info.task_type == "worker":
-        # Each worker runs one step at a time; a few inter-op threads keep its
-        # variable reads and writes to the PS tasks flowing concurrently.
-        config.inter_op_parallelism_threads = max(2, len(info.cluster_spec.get("worker", [])))
-    server = tf.distribute.Server(
-        tf.train.ClusterSpec(info.cluster_spec), job_name=info.task_type, task_index=info.task_index,
-        protocol="grpc", config=config, start=True,
-    )
-    log.info("%s serving at %s", info.task_name, server.target)
-    if start_only:
-        return server
-    server.join()
+    """Run this worker or ps task's server (``tfpar.runtime.server.serve``, workers with a few inter-op threads)
+    and block forever; ``start_only=True`` returns the started server instead."""
+    return server.serve(cluster_info, worker_threads=True, print_fn=log.info, start_only=start_only)
 
 
 def create(cluster_info=None, num_ps_shards=None, min_shard_bytes=None):

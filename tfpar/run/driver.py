@@ -60,7 +60,7 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     import tensorflow as tf
 
     from tfpar.step import all_reduce, steps, stragglers, xla
-    from tfpar.runtime import backup, precision, preemption, strategies
+    from tfpar.runtime import backup, peers, precision, strategies
     from tfpar.run import callbacks
     from tfpar.core import summary
 
@@ -72,7 +72,7 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
         from tfpar.run import pipeline_driver
 
         strategy = pipeline_driver.strategy(config, info)  # the pipeline places its own ops (on tasks in a cluster)
-    with preemption.peers_within(config.cluster_timeout, info):
+    with peers.within(config.cluster_timeout, info):
         strategy = strategy if pipelined else strategies.create(config.strategy, virtual_cpus=config.virtual_cpus)
     replicas = strategy.num_replicas_in_sync
     global_batch = config.global_batch_size(replicas)  # one micro-batch over all replicas
@@ -132,9 +132,8 @@ def fit_loop(config, info, print_fn=print, extra_callbacks=()):
     if chief and config.tensorboard:
         callbacks.write_text(model_dir, "run", start_line)
     try:
-        lost_peer = pipeline_driver.stages_stay(config) if pipelined else preemption.peers_stay(
-            info, config.cluster_timeout)
-        with lost_peer:  # a peer lost mid-run: one line, exit 69
+        heartbeat = pipeline_driver.heartbeat(config) if pipelined else None  # else TF's, for collectives
+        with peers.stay(info, config.cluster_timeout, heartbeat):  # a peer lost mid-run: one line, exit 69
             history = model.fit(
                 train_ds, epochs=config.epochs, steps_per_epoch=pipes.steps_per_epoch,
                 validation_data=pipes.val, validation_steps=pipes.validation_steps if pipes.val else None,
@@ -248,7 +247,10 @@ def run(config, print_fn=print, callbacks=()):
         if pipeline_tasks.in_cluster(config, info):
             pipeline_tasks.check(config, info)  # a cluster shape the pipeline cannot use: one sentence
             if not info.is_chief:
-                pipeline_tasks.serve(info, config.stages, print_fn=print_fn)  # exits once the chief is done
+                from tfpar.runtime import server
+
+                server.serve(info, until_gone=pipeline_tasks.chief(info), print_fn=print_fn,
+                             line=pipeline_tasks.announcement(info, config.stages))  # exits once the chief is done
     _check_model_dir(config)
     started = time.time()
     loop = training_loop(config.strategy)

@@ -12,7 +12,7 @@ import os
 from tfpar.parallel.pipeline import tasks
 
 log = logging.getLogger("tfpar")
-_CLUSTER = {}  # id(config) -> (stage devices, tasks.Heartbeat) once strategy() connected to a cluster
+_CLUSTER = {}  # id(config) -> (stage devices, peers.Heartbeat) once strategy() connected to a cluster
 
 
 def _cluster(config):
@@ -56,14 +56,15 @@ def strategy(config, info=None):
     """
     import tensorflow as tf
 
-    from tfpar.runtime import preemption, strategies
+    from tfpar.runtime import peers, strategies
 
     if info is not None and tasks.in_cluster(config, info):
         count = config.stages * config.pipeline_replicas
-        tasks.connect(info, config.cluster_timeout)
+        peers.connect(info, config.cluster_timeout, "the pipeline's stage tasks")
         config_devices = tasks.devices(info, count)
-        _CLUSTER[id(config)] = (config_devices, tasks.Heartbeat(
-            info, config_devices, preemption.heartbeat_timeout(config.cluster_timeout), config.stages))
+        _CLUSTER[id(config)] = (config_devices, peers.Heartbeat(
+            info, tasks.heartbeat_tasks(info, config_devices, config.stages),
+            peers.heartbeat_timeout(config.cluster_timeout)))
         return tf.distribute.get_strategy()
     count = config.virtual_cpus
     if count is None and not tf.config.list_physical_devices("GPU"):
@@ -98,9 +99,9 @@ def callbacks(config, model_dir):
     return [tasks.StageTrace(heartbeat.info, os.path.join(model_dir, tasks.STAGE_TRACES), traced)]
 
 
-def stages_stay(config):
-    """Around ``fit``: in a cluster, a lost stage task ends the run with one line and exit 69 (``tasks``)."""
-    return tasks.stages_stay(_cluster(config)[1])
+def heartbeat(config):
+    """In a cluster, the ``peers.Heartbeat`` on the stage tasks, for ``peers.stay`` around ``fit``; else None."""
+    return _cluster(config)[1]
 
 
 def summary(config, model, model_dir, step_ms=None):

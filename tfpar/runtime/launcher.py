@@ -25,6 +25,7 @@ import threading
 import time
 
 from tfpar.core import quiet
+from tfpar.runtime import server
 
 HOST = "127.0.0.1"
 STOP_GRACE_SEC = 5.0  # after a task failed: its peers are stuck in collectives, no save is coming
@@ -269,15 +270,9 @@ class Supervisor:
 
 
 def serve():
-    """A bare ``tf.distribute.Server`` for this process's TF_CONFIG task, until killed."""
+    """``tfpar-launch --serve``: the built-in server of a worker or ps task (its TF_CONFIG), until killed."""
     quiet.start_tensorflow()
-    import tensorflow as tf
-
-    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
-    server = tf.distribute.Server(resolver.cluster_spec(), job_name=resolver.task_type,
-                                  task_index=resolver.task_id, protocol="grpc", start=True)
-    print(f"serving {resolver.task_type}:{resolver.task_id} at {server.target}", flush=True)
-    server.join()
+    server.serve(line="serving {job}:{index} at {target}")
 
 
 def parse_args(argv):
