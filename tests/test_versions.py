@@ -93,7 +93,7 @@ def test_fresh_environment_without_tensorflow_refuses_to_start(tmp_path):
     proc = subprocess.run([str(python), "-m", "tfpar.cli", "--epochs=1"], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip() == (f"tfpar: No TensorFlow is installed, but tfpar {versions._tfpar_version()} "
+    assert proc.stderr.strip() == (f"tfpar: No TensorFlow is installed, but tfpar {versions._own_version()} "
                                    f"supports {RANGE}; install one with pip install 'tfpar[cpu]', "
                                    f"'tfpar[and-cuda]' (NVIDIA GPUs) or 'tfpar[tpu]' (TPU VMs).")
     proc = subprocess.run([str(python), "-c", "import tfpar"], capture_output=True, text=True,

@@ -75,7 +75,7 @@ def problem(found=None, tensorflow_importable=None):
     found = installed() if found is None else found
     tensorflows = {k: v for k, v in found.items() if k != "keras"}
     keras = found.get("keras")
-    want = f"tfpar {_tfpar_version()} supports {supported()}"
+    want = f"tfpar {_own_version()} supports {supported()}"
     if not tensorflows:
         if tensorflow_importable is None:
             tensorflow_importable = importlib.util.find_spec("tensorflow") is not None
@@ -99,7 +99,7 @@ def problem(found=None, tensorflow_importable=None):
     return None
 
 
-def _tfpar_version():
+def _own_version():
     return __version__
 
 
