@@ -218,3 +218,13 @@ def test_validation_steps_0_trains_without_validation(tmp_path, monkeypatch):
     assert result["steps_done"] == 6 and result["val_accuracy"] is None and result["val_loss"] is None
     assert np.isfinite(result["train_loss"])
     assert (tmp_path / "best.weights.h5").exists()  # the best epoch by training accuracy
+
+
+def test_the_hook_table_imports_no_tensorflow():
+    """``tfpar.train`` (and its hook table) loads without TensorFlow, so the CLI can quiet TF's logs first."""
+    import subprocess
+    import sys
+
+    code = "import sys, tfpar.train, tfpar.run.driver; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

@@ -1,8 +1,8 @@
 """``Hook``: the points where a strategy changes the driver's skeleton, with their defaults.
 
 A hook is made for one run (``Hook(config, info, print_fn)``) and keeps that run's state
-(strategy, callbacks it made, connections), so nothing outlives the run. The skeleton in
-``tfpar.run.driver.train`` calls the methods below in the order they are listed.
+(strategy, callbacks it made, connections), so nothing outlives the run. ``tfpar.run.driver``
+calls the methods below in the order they are listed (``run``: up to ``serve``; ``train``: the rest).
 """
 
 import contextlib

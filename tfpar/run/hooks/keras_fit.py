@@ -11,6 +11,8 @@ from tfpar.run.hooks.base import Hook
 
 
 class KerasFit(Hook):
+    compile_options = {"jit_compile": False}  # tfpar.step.xla compiles per replica instead (DESIGN item 15)
+
     def __init__(self, config, info, print_fn=print):
         super().__init__(config, info, print_fn)
         self.backup = None  # the run's BackupAndRestore, or None with backups off
@@ -42,8 +44,6 @@ class KerasFit(Hook):
         return dict(num_workers=readers, worker_index=self.info.task_index if readers > 1 else 0,
                     micro_batches=self.config.grad_accum_steps,
                     skip_batches=resume_step)  # resumes at the backup's exact example
-
-    compile_options = {"jit_compile": False}  # tfpar.step.xla compiles per replica instead (DESIGN item 15)
 
     def _resolve_jit(self):
         from tfpar.step import xla

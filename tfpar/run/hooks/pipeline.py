@@ -10,7 +10,6 @@ import collections
 import logging
 import os
 
-from tfpar.parallel.pipeline import tasks
 from tfpar.run.hooks.keras_fit import KerasFit
 
 log = logging.getLogger("tfpar")
@@ -22,7 +21,9 @@ def in_cluster(info):
 
 
 def check_cluster(spec, stages, replicas):
-    """One sentence (``ValueError``) for a cluster the pipeline cannot use; no TensorFlow needed."""
+    """One sentence (``ValueError``) for a cluster the pipeline cannot use."""
+    from tfpar.parallel.pipeline import tasks
+
     need = stages * replicas
     if "ps" in spec:
         raise ValueError(f"--strategy=pipeline runs its stages on worker tasks, but the cluster has a ps job "
@@ -52,6 +53,8 @@ class Pipeline(KerasFit):
         return in_cluster(self.info) and not self.info.is_chief
 
     def serve(self):
+        from tfpar.parallel.pipeline import tasks
+
         tasks.serve(self.info, self.config.stages, print_fn=self.print_fn)  # exits once the chief is done
 
     def _make_strategy(self):
@@ -63,6 +66,7 @@ class Pipeline(KerasFit):
         import tensorflow as tf
 
         from tfpar.core import devices
+        from tfpar.parallel.pipeline import tasks
         from tfpar.runtime import preemption
 
         config, count = self.config, self.config.stages * self.config.pipeline_replicas
@@ -94,6 +98,8 @@ class Pipeline(KerasFit):
 
     def _more_callbacks(self):
         """In a cluster with ``--profile_steps``: the callback that traces the stage tasks too."""
+        from tfpar.parallel.pipeline import tasks
+
         traced = self.config.profile_range() if self.config.tensorboard else None
         if not self.stage_devices or not traced:
             return []
@@ -103,6 +109,8 @@ class Pipeline(KerasFit):
         return "pipeline stages time themselves (tfpar.pipeline)"
 
     def callbacks(self, model, global_batch, pipes, extra):
+        from tfpar.parallel.pipeline import tasks
+
         cbs = super().callbacks(model, global_batch, pipes, extra)
         if self.backup is not None and self.stage_devices:
             self.backup.io_device = f"/job:{tasks.JOB}/replica:0/task:0/device:CPU:0"  # stages' files on the chief
@@ -114,6 +122,8 @@ class Pipeline(KerasFit):
         return f"pipeline {config.stages} stages{copies}, {config.micro_batches} micro-batches ({config.schedule})"
 
     def guard(self):
+        from tfpar.parallel.pipeline import tasks
+
         return tasks.stages_stay(self.heartbeat)  # a stage task lost mid-run: one line, exit 69
 
     def summary(self, model, history, pipes):
@@ -122,7 +132,7 @@ class Pipeline(KerasFit):
     def _pipeline_summary(self, model):
         """The ``pipeline`` entry of summary.json: settings, the stage table and the bubble (theory, measured)."""
         from tfpar.core import trace
-        from tfpar.parallel.pipeline import schedules, timeline
+        from tfpar.parallel.pipeline import schedules, tasks, timeline
 
         config, measured = self.config, None
         remote = trace.find(os.path.join(self.model_dir, tasks.STAGE_TRACES))  # the stage tasks' traces
