@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from tfpar.run import cli, data, recipe as train
+from tfpar.run import cli, data, recipe
 from tfpar.core import quiet
 
 RECORD, KILL_AT = sys.argv[1], int(sys.argv[2])
@@ -45,7 +45,7 @@ class RecordIds(keras.layers.Layer):
         return images
 
 
-_build = train.build_model
+_build = recipe.build_model
 
 
 def build_recording_model(config):
@@ -54,5 +54,5 @@ def build_recording_model(config):
     return keras.Model(inputs, model(RecordIds()(inputs)))
 
 
-train.build_model = build_recording_model
+recipe.build_model = build_recording_model  # the driver builds through recipe.build_model
 sys.exit(cli.main(["tfpar-train"] + sys.argv[sys.argv.index("--") + 1:]))

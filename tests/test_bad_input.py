@@ -237,7 +237,7 @@ FRESH_PROCESS_CASES = {
 @pytest.mark.parametrize("case", list(FRESH_PROCESS_CASES))
 def test_bad_input_in_a_fresh_process_exits_2(case, tmp_path):
     args, message = FRESH_PROCESS_CASES[case]
-    if "--strategy=dtensor" in args and "dtensor" not in train.TRAINING_LOOPS:
+    if "--strategy=dtensor" in args and "dtensor" not in train.HOOKS:
         pytest.skip("this build has no dtensor training loop (tfpar.sharding)")
     tiny = [a for a in TINY if not a.startswith("--batch_size")]
     code, err = _console(args + tiny + [f"--model_dir={tmp_path}"])

@@ -22,10 +22,9 @@ from tfpar.parallel import parameter_server
 # The chief through tfpar.train.run, with partitioning options the CLI has no flags for.
 CHIEF = """
 import functools, json, sys
-from tfpar.parallel import parameter_server
 from tfpar.run import driver as train
-train.TRAINING_LOOPS["parameter_server"] = functools.partial(
-    parameter_server.run_config, **json.loads(sys.argv[2]))
+from tfpar.run.hooks.parameter_server import ParameterServer
+train.HOOKS["parameter_server"] = functools.partial(ParameterServer, **json.loads(sys.argv[2]))
 train.run(train.TrainConfig(**json.loads(sys.argv[1])), print_fn=lambda s: print(s, flush=True))
 """
 CLI = "import sys; from tfpar.cli import run_main; sys.argv[0] = 'tfpar-train'; run_main()"

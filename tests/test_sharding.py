@@ -122,7 +122,7 @@ def test_vgg16_plan_halves_the_big_layers():
 
 def test_dtensor_env_from_tf_config_cluster():
     from tfpar.runtime.cluster import ClusterInfo
-    from tfpar.run.dtensor_driver import dtensor_env_from_cluster
+    from tfpar.run.hooks.dtensor import dtensor_env_from_cluster
 
     info = ClusterInfo(task_type="worker", task_index=0, num_workers=2, source="tf_config",
                        cluster_spec={"chief": ["h0:1000"], "worker": ["h1:1001"]})

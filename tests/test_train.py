@@ -1,4 +1,4 @@
-"""TrainConfig validation, learning-rate schedules, the loop dispatch point and one real fit."""
+"""TrainConfig validation, learning-rate schedules, the driver's hook table and skeleton, and one real fit."""
 
 import json
 
@@ -7,6 +7,11 @@ import pytest
 
 from tfpar.run import schedules, driver as train
 from tfpar.run.config import TrainConfig
+from tfpar.run.hooks import pipeline as pipeline_hooks
+from tfpar.run.hooks.base import Hook
+from tfpar.run.hooks.keras_fit import KerasFit
+from tfpar.run.hooks.parameter_server import ParameterServer
+from tfpar.run.hooks.pipeline import Pipeline
 
 
 def test_global_batch_from_global_or_per_replica():
@@ -80,34 +85,106 @@ def test_linear_scaling_and_schedule_shapes():
 def test_jit_compile_auto_is_off_on_cpu():
     import tensorflow as tf
 
+    from tfpar.step import xla
+
     strategy = tf.distribute.get_strategy()
-    assert train.resolve_jit_compile("auto", strategy) is False
-    assert train.resolve_jit_compile("on", strategy) is True
-    assert train.resolve_jit_compile("off", strategy) is False
+    assert xla.resolve("auto", strategy) is False
+    assert xla.resolve("on", strategy) is True
+    assert xla.resolve("off", strategy) is False
 
 
-def test_run_dispatches_to_a_registered_loop_and_writes_summaries(tmp_path, monkeypatch):
+class RecordingHook(KerasFit):
+    """The default hook on TF's default strategy, recording the skeleton's calls to it."""
+
     calls = []
 
-    def fake_loop(config, cluster, print_fn):
-        calls.append((config.strategy, cluster.task_name))
-        return {"strategy": "Fake", "replicas": 3, "precision": "float32", "epochs_done": 1, "steps_done": 7}
+    def __init__(self, config, info, print_fn=print):
+        super().__init__(config, info, print_fn)
+        self.calls.append(("made", config.strategy, info.task_name))
 
-    monkeypatch.setitem(train.TRAINING_LOOPS, "dtensor", fake_loop)
+    def _make_strategy(self):
+        import tensorflow as tf
+
+        return tf.distribute.get_strategy()
+
+    def __getattribute__(self, name):
+        if name in ("check", "serves", "connect", "reading", "scope", "shaped", "compiled", "install", "callbacks",
+                    "start_lines", "fit_options", "guard", "summary"):
+            type(self).calls.append(name)
+        return super().__getattribute__(name)
+
+    def summary(self, model, history, pipes):
+        return {**super().summary(model, history, pipes), "steps_done": 7, "fake": True}
+
+
+def test_run_dispatches_to_the_registered_hook_and_writes_summaries(tmp_path, monkeypatch):
+    """One tiny real fit through the skeleton: the hook is asked in order, its fields reach summary.json."""
+    RecordingHook.calls = []
+    monkeypatch.setitem(train.HOOKS, "dtensor", RecordingHook)
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    result = train.run(TrainConfig(strategy="dtensor", model_dir=str(tmp_path)))
-    assert calls == [("dtensor", "worker-0")]
+    config = TrainConfig(strategy="dtensor", model_dir=str(tmp_path), model="resnet18", width_multiplier=0.125,
+                         image_size=16, batch_size=8, epochs=1, steps_per_epoch=1, validation_steps=0,
+                         tensorboard=False, checkpoint_best=False, backup_freq="none", verbose=0)
+    lines = []
+    result = train.run(config, print_fn=lines.append)
+    assert RecordingHook.calls == [
+        ("made", "dtensor", "worker-0"), "check", "serves", "connect", "reading", "scope", "shaped", "compiled",
+        "install", "callbacks", "start_lines", "fit_options", "guard", "summary"]
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["steps_done"] == 7 == result["steps_done"] and on_disk["replicas"] == 3
+    assert on_disk["steps_done"] == 7 == result["steps_done"] and on_disk["fake"] is True
+    assert on_disk["replicas"] == 1 and on_disk["epochs_done"] == 1 and on_disk["optimizer_updates"] == 1
     assert on_disk["config"]["strategy"] == "dtensor" and "keras" in on_disk["versions"]
     assert json.loads((tmp_path / "summary.worker-0.json").read_text()) == on_disk
+    assert [line for line in lines if "global batch 8" in line and "1 steps/epoch" in line], lines
 
 
-def test_strategies_without_their_loop_fail_clearly(monkeypatch):
-    monkeypatch.delitem(train.TRAINING_LOOPS, "parameter_server", raising=False)
-    with pytest.raises(ValueError, match="needs its own training loop"):
-        train.training_loop("parameter_server")
-    assert train.training_loop("mirrored") is train.fit_loop
+def test_every_strategy_has_a_hook_and_unknown_ones_fail_clearly(monkeypatch):
+    from tfpar.runtime import strategies
+
+    for name in strategies.NAMES + ("dtensor", "pipeline"):
+        assert issubclass(train.hook_for(name), Hook), name
+    assert train.hook_for("mirrored") is KerasFit and train.hook_for("auto") is KerasFit
+    assert train.hook_for("pipeline") is Pipeline and train.hook_for("parameter_server") is ParameterServer
+    monkeypatch.delitem(train.HOOKS, "parameter_server", raising=False)
+    with pytest.raises(ValueError, match="'parameter_server' has no training hook"):
+        train.hook_for("parameter_server")
+
+
+@pytest.mark.parametrize("strategy", ["dtensor", "parameter_server"])
+def test_own_loop_strategies_refuse_extra_callbacks(strategy, tmp_path, monkeypatch):
+    import keras
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match=f"Extra Keras callbacks need a Keras fit strategy; {strategy} has its own"):
+        train.run(TrainConfig(strategy=strategy, model_dir=str(tmp_path)), callbacks=[keras.callbacks.Callback()])
+
+
+def test_each_run_gets_its_own_hook_state():
+    from tfpar.runtime.cluster import ClusterInfo
+
+    config = TrainConfig(strategy="pipeline")
+    first, second = Pipeline(config, ClusterInfo()), Pipeline(config, ClusterInfo())
+    first.stage_devices = ["/job:worker/replica:0/task:0/device:CPU:0"]
+    assert second.stage_devices is None and second.heartbeat is None  # nothing shared through the config
+
+
+def test_pipeline_cluster_checks_read_plain_values():
+    from tfpar.runtime.cluster import ClusterInfo
+
+    workers = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    pipeline_hooks.check_cluster(workers, stages=2, replicas=1)  # fits: no error
+    with pytest.raises(ValueError, match="needs exactly 4 worker task\\(s\\).*has 2"):
+        pipeline_hooks.check_cluster(workers, stages=2, replicas=2)
+    with pytest.raises(ValueError, match="has a ps job"):
+        pipeline_hooks.check_cluster({**workers, "ps": ["127.0.0.1:3"]}, stages=2, replicas=1)
+    with pytest.raises(ValueError, match="also has a chief job"):
+        pipeline_hooks.check_cluster({**workers, "chief": ["127.0.0.1:3"]}, stages=2, replicas=1)
+    config = TrainConfig(strategy="pipeline")
+    stage = ClusterInfo("worker", 1, 2, 0, "tf_config", workers)
+    chief = ClusterInfo("worker", 0, 2, 0, "tf_config", workers)
+    assert Pipeline(config, stage).serves() and not Pipeline(config, chief).serves()
+    assert not Pipeline(config, ClusterInfo()).serves()  # one process: no stage tasks
+    assert not Pipeline(config, ClusterInfo("worker", 1, 2, 0, "tpu", workers)).serves()  # a TPU's hosts
 
 
 @pytest.mark.slow
@@ -141,3 +218,13 @@ def test_validation_steps_0_trains_without_validation(tmp_path, monkeypatch):
     assert result["steps_done"] == 6 and result["val_accuracy"] is None and result["val_loss"] is None
     assert np.isfinite(result["train_loss"])
     assert (tmp_path / "best.weights.h5").exists()  # the best epoch by training accuracy
+
+
+def test_the_hook_table_imports_no_tensorflow():
+    """``tfpar.train`` (and its hook table) loads without TensorFlow, so the CLI can quiet TF's logs first."""
+    import subprocess
+    import sys
+
+    code = "import sys, tfpar.train, tfpar.run.driver; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]

@@ -203,3 +203,24 @@ def for_run(config, model_dir, is_chief, global_batch_size, has_validation, prin
         monitor = "val_accuracy" if has_validation else "accuracy"
         cbs.append(BestCheckpoint(os.path.join(model_dir, "best.weights.h5"), monitor=monitor))
     return cbs, throughput
+
+
+class StepsPrinter(keras.callbacks.Callback):
+    """``epoch N/E: loss=... steps=... (T s)`` after each epoch, steps read from the optimizer.
+
+    For asynchronous parameter-server training, where the coordinator's finished-step count
+    (``optimizer.iterations``) is the progress that counts and there is no throughput logger.
+    """
+
+    def __init__(self, print_fn, epochs):
+        super().__init__()
+        self.print_fn, self.epochs = print_fn, epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        steps = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        shown = " ".join(f"{k}={v:.4f}" for k, v in (logs or {}).items())
+        self.print_fn(f"epoch {epoch + 1}/{self.epochs}: {shown} steps={steps} "
+                      f"({time.perf_counter() - self._started:.1f}s)")

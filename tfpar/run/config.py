@@ -150,9 +150,7 @@ class TrainConfig:
         if self.launcher and (not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1):
             raise ValueError(f"workers must be a positive integer with launcher={self.launcher}, got {self.workers!r}.")
         if self.strategy == "pipeline":
-            from tfpar.run import pipeline_driver as driver
-
-            driver.check(self)
+            self._validate_pipeline()
         self._validate_balance()
         return self
 
@@ -179,6 +177,32 @@ class TrainConfig:
             backup.parse_freq(self.backup_freq)
         if not self.cluster_timeout > 0:
             raise ValueError(f"cluster_timeout must be a positive number of seconds, got {self.cluster_timeout!r}.")
+
+    def _validate_pipeline(self):
+        from tfpar.parallel.pipeline import balance, schedules as pipeline_schedules
+
+        for name in ("stages", "micro_batches", "pipeline_replicas"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        pipeline_schedules.check(self.schedule)
+        balance.check(self.balance)
+        if self.grad_accum_steps > 1:
+            raise ValueError("grad_accum_steps does not apply to --strategy=pipeline; its --micro_batches already "
+                             "sum the gradients of several micro-batches per update.")
+        if self.jit_compile == "on":
+            raise ValueError("jit_compile=on does not apply to --strategy=pipeline (its stages run on different "
+                             "devices); use jit_compile=auto or off.")
+        if self.all_reduce_dtype != "float32":
+            raise ValueError("all_reduce_dtype applies to mirrored and multi_worker; --strategy=pipeline sums its "
+                             "copies' gradients in float32.")
+        per_step = self.micro_batches * self.pipeline_replicas
+        if self.batch_size is not None and self.batch_size % per_step:
+            raise ValueError(f"batch_size {self.batch_size} does not split into {self.micro_batches} micro-batches "
+                             f"x {self.pipeline_replicas} pipeline copies; use a multiple of {per_step}.")
+        if self.per_replica_batch_size is not None:
+            raise ValueError("--strategy=pipeline takes --batch_size (the batch of one step), not "
+                             "--per_replica_batch_size.")
 
     def _validate_dtensor(self):
         if self.mesh is not None and not re.fullmatch(r"[A-Za-z_]\w*=[1-9]\d*(,[A-Za-z_]\w*=[1-9]\d*)*", self.mesh):

@@ -59,7 +59,7 @@ def check_before_ray(config, num_workers):
     from tfpar.run import data, driver as train
 
     data.inspect(config.data, config.num_classes, config.seed)
-    train._check_model_dir(config)
+    train.check_model_dir(config)
     backup.for_run(config, cluster.ClusterInfo(num_workers=num_workers, source="explicit"), print_fn=None)
 
 

@@ -26,29 +26,6 @@ JOB = "worker"
 STAGE_TRACES = "stage_traces"  # under model_dir: the stage tasks' profiler traces (``StageTrace``)
 
 
-def in_cluster(config, info):
-    """Whether this ``tfpar-train --strategy=pipeline`` runs across the tasks of a cluster."""
-    return config.strategy == "pipeline" and bool(info.cluster_spec) and info.source != "tpu"
-
-
-def check(config, info):
-    """One sentence (``ValueError``) for a cluster the pipeline cannot use; no TensorFlow needed."""
-    spec = info.cluster_spec
-    need = config.stages * config.pipeline_replicas
-    if "ps" in spec:
-        raise ValueError(f"--strategy=pipeline runs its stages on worker tasks, but the cluster has a ps job "
-                         f"({len(spec['ps'])} task(s)); use a cluster of {need} worker task(s) and no ps.")
-    others = [job for job in spec if job != JOB]
-    if others:
-        raise ValueError(f"--strategy=pipeline puts stage i on worker task i and worker 0 drives the run, but the "
-                         f"cluster also has a {others[0]} job; list all {need} task(s) under 'worker'.")
-    workers = len(spec.get(JOB, []))
-    if workers != need:
-        raise ValueError(f"--strategy=pipeline with --stages={config.stages} x --pipeline_replicas="
-                         f"{config.pipeline_replicas} needs exactly {need} worker task(s), one per stage copy, "
-                         f"but the cluster has {workers}.")
-
-
 def stage_of(info, stages):
     """``(copy, stage)`` that task ``info`` runs."""
     return divmod(info.task_index, stages)

@@ -1,0 +1,147 @@
+"""``KerasFit``: the tf.distribute strategies Keras ``fit`` drives (one_device, mirrored, multi_worker, tpu, auto).
+
+What it adds to the skeleton: a backup that resumes at the exact example, peers waited for
+and watched (``tfpar.runtime.peers``), each worker reading its shard, and tfpar's step
+installers after ``compile`` (all-reduce dtype, XLA, accumulation, buckets, worker timing).
+"""
+
+import os
+
+from tfpar.run.hooks.base import Hook
+
+
+class KerasFit(Hook):
+    compile_options = {"jit_compile": False}  # tfpar.step.xla compiles per replica instead (DESIGN item 15)
+
+    def __init__(self, config, info, print_fn=print):
+        super().__init__(config, info, print_fn)
+        self.backup = None  # the run's BackupAndRestore, or None with backups off
+        self.jit = False
+        self.timing = None  # the stragglers.WorkerTimes callback, or None
+        self.reduce_dtype = self.bucket_mb = None
+
+    def connect(self):
+        from tfpar.runtime import backup
+
+        # Refuse a foreign or damaged backup before anything is written.
+        self.backup = backup.for_run(self.config, self.info, print_fn=self.print_fn)
+        self.strategy = self._make_strategy()
+        self.replicas = self.strategy.num_replicas_in_sync
+
+    def _make_strategy(self):
+        from tfpar.runtime import peers, strategies
+
+        with peers.within(self.config.cluster_timeout, self.info):  # never wait forever for peers
+            return strategies.create(self.config.strategy, virtual_cpus=self.config.virtual_cpus)
+
+    def _readers(self):
+        """How many processes split the data: with balance_batches every worker reads the whole stream."""
+        return 1 if self.config.balance_batches else self.info.num_workers
+
+    def reading(self):
+        readers = self._readers()
+        resume_step = self.backup.resume.step if self.backup is not None and self.backup.resume is not None else 0
+        return dict(num_workers=readers, worker_index=self.info.task_index if readers > 1 else 0,
+                    micro_batches=self.config.grad_accum_steps,
+                    skip_batches=resume_step)  # resumes at the backup's exact example
+
+    def _resolve_jit(self):
+        from tfpar.step import xla
+
+        return xla.resolve(self.config.jit_compile, self.strategy)
+
+    def install(self, model, global_batch):
+        from tfpar.step import all_reduce, steps, xla
+
+        config = self.config
+        self.jit = self._resolve_jit()
+        self.reduce_dtype = all_reduce.apply(model.optimizer, config.all_reduce_dtype, self.replicas)
+        xla.enable(model, self.jit)  # per-replica XLA steps; Keras's own jit fails under strategies
+        steps.accumulate(model, config.grad_accum_steps)  # one all-reduce per accum micro-batches
+        self.bucket_mb = all_reduce.buckets(model, config.all_reduce_bucket_mb)  # overlap the backward pass
+
+    def callbacks(self, model, global_batch, pipes, extra):
+        from tfpar.run import callbacks
+        from tfpar.runtime import strategies
+
+        config, info = self.config, self.info
+        cbs, self.throughput = callbacks.for_run(
+            config, self.model_dir, info.is_chief, global_batch * config.grad_accum_steps, pipes.val is not None,
+            print_fn=self.print_fn, task_name=info.task_name,
+            multi_worker=strategies.is_multi_worker(self.strategy))
+        cbs.extend(extra)
+        cbs.extend(self._more_callbacks())
+        self.timing = self._worker_times(model, global_batch)
+        if self.timing is not None:
+            cbs.append(self.timing)
+        if self.backup is not None:
+            cbs.insert(0, self.backup)  # first: it sets the initial epoch before the others begin
+        return cbs
+
+    def _more_callbacks(self):
+        return []
+
+    def _timing_unsupported(self, model):
+        """Why worker timing cannot run here (a phrase), or None."""
+        from tfpar.step import stragglers
+
+        return stragglers.supported(model)
+
+    def _worker_times(self, model, global_batch):
+        """``tfpar.step.stragglers``: the timed (with balance_batches, sliced) step and its callback, or None."""
+        from tfpar.step import stragglers
+
+        config, info = self.config, self.info
+        reason = self._timing_unsupported(model)
+        if reason and config.balance_batches:
+            raise ValueError(f"balance_batches cannot be used here: {reason}.")
+        if reason or not (config.worker_times or config.balance_batches):
+            return None
+        state = stragglers.enable(model, global_batch, balance=config.balance_batches)
+        replicas = self.replicas
+        local = max(1, replicas // max(1, info.num_workers))
+        if info.num_workers > 1:
+            names = [f"worker {i // local}" + (f" replica {i % local}" if local > 1 else "") for i in range(replicas)]
+        else:
+            names = [f"replica {i}" for i in range(replicas)]
+        return stragglers.WorkerTimes(
+            state, names, every=config.balance_every,
+            minimum=stragglers.minimum_share(global_batch, replicas, config.balance_min_fraction),
+            log_dir=os.path.join(self.model_dir, "workers_timing") if config.tensorboard and info.is_chief else None,
+            print_fn=self.print_fn if info.is_chief else None)
+
+    def fit_options(self, pipes):
+        options = super().fit_options(pipes)
+        if self.timing is not None and self.config.balance_batches:
+            from tfpar.step import stragglers
+
+            options["x"] = stragglers.distribute(self.strategy, options["x"])
+        return options
+
+    def start_lines(self, global_batch, policy, peak, pipes):
+        accum = self.config.grad_accum_steps
+        summed = f", gradients summed in {self.reduce_dtype}" if self.replicas > 1 else ""
+        summed += f" in {self.bucket_mb:g} MiB buckets" if summed and self.bucket_mb else ""
+        micro = f" x {accum} micro-batches per update" if accum > 1 else ""
+        return [f"{self.name()}: global batch {global_batch}{micro}{summed}, precision {policy}, "
+                f"peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch"]
+
+    def guard(self):
+        from tfpar.runtime import peers
+
+        return peers.stay(self.info, self.config.cluster_timeout)  # a peer lost mid-run: one line, exit 69
+
+    def summary(self, model, history, pipes):
+        from tfpar.step import xla
+
+        return {
+            **super().summary(model, history, pipes),
+            "examples_per_update": self.global_batch() * self.config.grad_accum_steps,
+            "all_reduce_dtype": self.reduce_dtype,
+            "all_reduce_bucket_mb": self.bucket_mb,
+            "jit_compile": self.jit,
+            "xla_steps": xla.state(model),
+            "resumed_from": self.backup.resumed if self.backup is not None else None,
+            "throughput": self.throughput.epochs,  # per epoch: examples_per_sec, step_time_ms, steps
+            **({"worker_times": self.timing.report()} if self.timing is not None else {}),
+        }
