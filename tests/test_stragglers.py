@@ -201,12 +201,17 @@ def test_bad_balance_settings_are_one_sentence(field, value, match):
 
 @pytest.mark.parametrize("options,match", [
     (dict(strategy="one_device"), "balance_batches works with strategy mirrored or multi_worker"),
-    (dict(strategy="mirrored", grad_accum_steps=2), "balance_batches needs grad_accum_steps=1"),
     (dict(strategy="mirrored", jit_compile="on"), "balance_batches needs jit_compile=auto or off"),
 ])
 def test_balance_batches_refuses_what_it_cannot_balance(options, match):
     with pytest.raises(ValueError, match=match):
         train.TrainConfig(balance_batches=True, **options).validate()
+
+
+def test_balance_batches_take_micro_batches():
+    """The step plan slices each replica's share into its micro-batches (tests/test_plan.py checks the numbers)."""
+    config = train.TrainConfig(strategy="mirrored", balance_batches=True, grad_accum_steps=2).validate()
+    assert config.balance_batches and config.grad_accum_steps == 2
 
 
 @pytest.fixture(scope="module")

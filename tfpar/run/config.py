@@ -164,8 +164,7 @@ class TrainConfig:
             return
         if self.strategy not in ("mirrored", "multi_worker"):
             raise ValueError(f"balance_batches works with strategy mirrored or multi_worker, got {self.strategy!r}.")
-        for name, ok, fix in (("grad_accum_steps", self.grad_accum_steps == 1, "1"),
-                              ("steps_per_execution", self.steps_per_execution == 1, "1"),
+        for name, ok, fix in (("steps_per_execution", self.steps_per_execution == 1, "1"),
                               ("jit_compile", self.jit_compile != "on", "auto or off")):
             if not ok:
                 raise ValueError(f"balance_batches needs {name}={fix}, got {getattr(self, name)!r}.")

@@ -97,7 +97,8 @@ class KerasFit(Hook):
             raise ValueError(f"balance_batches cannot be used here: {reason}.")
         if reason or not (config.worker_times or config.balance_batches):
             return None
-        state = stragglers.enable(model, global_batch, balance=config.balance_batches)
+        examples = global_batch * config.grad_accum_steps  # one update's examples: shares hold whole micro-batches
+        state = stragglers.enable(model, examples, balance=config.balance_batches)
         replicas = self.replicas
         local = max(1, replicas // max(1, info.num_workers))
         if info.num_workers > 1:
@@ -106,7 +107,7 @@ class KerasFit(Hook):
             names = [f"replica {i}" for i in range(replicas)]
         return stragglers.WorkerTimes(
             state, names, every=config.balance_every,
-            minimum=stragglers.minimum_share(global_batch, replicas, config.balance_min_fraction),
+            minimum=stragglers.minimum_share(examples, replicas, config.balance_min_fraction),
             log_dir=os.path.join(self.model_dir, "workers_timing") if config.tensorboard and info.is_chief else None,
             print_fn=self.print_fn if info.is_chief else None)
 
