@@ -127,7 +127,7 @@ def _measure_tfpar(case):
     if case.get("profile_steps"):
         options.update(tensorboard=True, profile_steps="{},{}".format(*case["profile_steps"]))
     options.update(case.get("train_options", {}))  # any other TrainConfig field, e.g. all_reduce_dtype
-    if case.get("pipeline_trace"):  # trace 2 steps of the first timed window: the bubble (tfpar.pipeline.timeline)
+    if case.get("pipeline_trace"):  # trace 2 steps of the first timed window: the bubble (tfpar.parallel.pipeline.timeline)
         first = case["warmup_windows"] * case["steps"] + 2
         options.update(tensorboard=True, profile_steps=f"{first},{first + 1}")
     if case.get("virtual_gpus"):  # split one GPU into logical GPUs before TF starts (pipeline stages)
@@ -339,7 +339,7 @@ def suites(name):
     # ResNet-50 above 64 px so that both sides use the ImageNet stem (7x7/2 + max-pool).
     r50 = dict(base, model="resnet50", image=72 if quick else 128, batch=16 if quick else 32, classes=1000)
     r50w = dict(r50, batch=8 if quick else 16, steps=4 if quick else 6, pin=True, strategy="one_device")
-    # One all-reduce per 4 micro-batches (tfpar.steps). Steps take ~8 s, so the 2 steps each window leaves
+    # One all-reduce per 4 micro-batches (tfpar.step.steps). Steps take ~8 s, so the 2 steps each window leaves
     # out already cover tracing and warm-up; no warm-up window.
     accum = {"grad_accum_steps": 2 if quick else 4}
     r50a = dict(r50w, steps=3, warmup_windows=0, train_options=accum)
@@ -577,7 +577,7 @@ def markdown(report):
                if c.get("bubble_theory") is not None]
     if bubbles:
         lines += ["", "Pipeline bubble: the idle share of a step, measured from a 2-step trace "
-                  "(`tfpar.pipeline.timeline`) beside the theory (S-1)/(M+S-1) for equal stages:", "",
+                  "(`tfpar.parallel.pipeline.timeline`) beside the theory (S-1)/(M+S-1) for equal stages:", "",
                   "| comparison | configuration | bubble measured | theory | stage ms (fwd+bwd, 1 micro-batch) |",
                   "|---|---|---:|---:|---|"]
         for name, c in bubbles:

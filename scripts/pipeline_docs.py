@@ -8,7 +8,7 @@
 ``"params"`` (``tfpar.pipeline.plan_stages``; nothing is trained). The
 timeline trains a small ResNet-18 with ``tfpar-train --strategy=pipeline``
 on 2 logical CPUs, once per schedule, traces 2 steps, and draws the first
-(``tfpar.pipeline.timeline``). Needs matplotlib.
+(``tfpar.parallel.pipeline.timeline``). Needs matplotlib.
 """
 
 import argparse

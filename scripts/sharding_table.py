@@ -3,7 +3,7 @@
 
     python scripts/sharding_table.py [--mesh batch=2,model=2] [--out docs]
 
-Uses tfpar.sharding.report.plan: the full-size VGG16 (224 px, 1000 classes)
+Uses tfpar.parallel.sharding.report.plan: the full-size VGG16 (224 px, 1000 classes)
 is built without allocating its weights, and the default rules are applied
 to its shapes.
 """

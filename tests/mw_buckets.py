@@ -5,7 +5,7 @@ Trains a small conv net with BatchNormalization for 3 steps in several
 configurations, all in this one process (one cluster start-up for all), and
 writes OUT_DIR/<task>.json: per configuration the final weights, the losses,
 and how many all-reduce collectives (CollectiveReduceV2 ops) its train step
-graph holds, next to the buckets tfpar.all_reduce.plan made.
+graph holds, next to the buckets tfpar.step.all_reduce.plan made.
 """
 
 import json

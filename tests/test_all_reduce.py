@@ -1,4 +1,4 @@
-"""tfpar.all_reduce: gradients summed between replicas in bfloat16.
+"""tfpar.step.all_reduce: gradients summed between replicas in bfloat16.
 
 The mirrored scenarios need 2 logical CPUs, so they run once in a subprocess
 (this file run as a script) that prints one JSON line; the tests assert on it.

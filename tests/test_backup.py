@@ -1,4 +1,4 @@
-"""tfpar.backup in one process: atomic layout, restore equals uninterrupted, damage, refusal, NaN."""
+"""tfpar.runtime.backup in one process: atomic layout, restore equals uninterrupted, damage, refusal, NaN."""
 
 import json
 import os

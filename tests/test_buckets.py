@@ -1,4 +1,4 @@
-"""tfpar.all_reduce buckets: gradients summed bucket by bucket (last layers first), BN statistics in one collective.
+"""tfpar.step.all_reduce buckets: gradients summed bucket by bucket (last layers first), BN statistics in one collective.
 
 The mirrored scenarios need 2 logical CPUs, so they run once in a subprocess
 (this file run as a script) that prints one JSON line; the tests assert on

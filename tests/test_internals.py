@@ -86,7 +86,7 @@ def test_every_private_import_in_the_package_is_registered():
             for name in (n.split()[0] for n in names.strip("()").split(",") if n.strip()):
                 if f"{module}.{name}" not in covered:
                     missing.append(f"{path.name}: from {module} import {name}")
-    assert not missing, "register these in tfpar/internals.py HOOKS: " + "; ".join(missing)
+    assert not missing, "register these in tfpar/core/internals.py HOOKS: " + "; ".join(missing)
 
 
 def test_every_private_attribute_in_the_package_is_registered():
@@ -100,7 +100,7 @@ def test_every_private_attribute_in_the_package_is_registered():
         for attribute in _PRIVATE_ATTRIBUTE.findall(text):
             if not _OWN.search(attribute) and attribute not in registered:
                 missing.add(f"{path.name}: .{attribute}")
-    assert not missing, "register these in tfpar/internals.py HOOKS: " + "; ".join(sorted(missing))
+    assert not missing, "register these in tfpar/core/internals.py HOOKS: " + "; ".join(sorted(missing))
 
 
 def test_main_prints_every_hook(capsys):

@@ -201,7 +201,7 @@ def test_tfpar_train_multi_worker_fit_and_evaluate(tmp_path, workers, policy, su
     assert {s["val_loss"] for s in summaries} == {summaries[0]["val_loss"]}  # evaluate agrees on every worker
     losses = epoch_losses(out)
     assert len(losses) == 3 and losses[-1] < losses[0], out[-4000:]
-    # The chief alone traced steps 6-7 (tfpar.callbacks.for_run); its trace shows the all-reduce beside the compute.
+    # The chief alone traced steps 6-7 (tfpar.run.callbacks.for_run); its trace shows the all-reduce beside the compute.
     traces = trace.find(str(tmp_path))
     assert len(traces) == 1 and "workers" not in traces[0], traces
     breakdown = trace.step_breakdown(traces[0])

@@ -1,4 +1,4 @@
-"""Pipeline stages on worker processes (tfpar/pipeline/tasks.py): real tasks on 127.0.0.1 via tfpar-launch.
+"""Pipeline stages on worker processes (tfpar/parallel/pipeline/tasks.py): real tasks on 127.0.0.1 via tfpar-launch.
 
 Each cluster run is compared with the same pipeline in one process (its
 stages on virtual CPUs): same loss, same weights (rtol 1e-5). Bad cluster

@@ -1,4 +1,4 @@
-"""Plain Keras 3 ``model.fit``/``evaluate`` under ``ParameterServerStrategy`` (tfpar.ps_fit).
+"""Plain Keras 3 ``model.fit``/``evaluate`` under ``ParameterServerStrategy`` (tfpar.kerasfix.ps_fit).
 
 chief + 2 workers + 1 ps through ``tfpar-launch --ps 1``; the chief runs
 tests/ps_keras_fit.py, a user's script with ``tfpar.compat.apply()`` and a

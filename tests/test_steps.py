@@ -1,4 +1,4 @@
-"""tfpar.steps: gradient accumulation over micro-batches under tf.distribute strategies.
+"""tfpar.step.steps: gradient accumulation over micro-batches under tf.distribute strategies.
 
 The mirrored scenarios need 2 logical CPUs, so they run once in a subprocess
 (this file run as a script) that prints one JSON line; the tests assert on it.

@@ -1,4 +1,4 @@
-"""tfpar.stragglers: every replica's times, the straggler warning, and batches balanced by speed.
+"""tfpar.step.stragglers: every replica's times, the straggler warning, and batches balanced by speed.
 
 The share rule is a pure function (fast). The mirrored scenarios need 2
 logical CPUs, so they run once in a subprocess (this file run as a script)

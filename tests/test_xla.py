@@ -1,4 +1,4 @@
-"""tfpar.xla: XLA-compiled per-replica steps under tf.distribute strategies.
+"""tfpar.step.xla: XLA-compiled per-replica steps under tf.distribute strategies.
 
 The mirrored scenarios need 2 logical CPUs, so they run once in a subprocess
 (this file run as a script) that prints one JSON line; the tests assert on it.
@@ -203,7 +203,7 @@ def test_mirrored_jit_matches_uncompiled_step_by_step(mirrored):
 
 @pytest.mark.slow
 def test_upstream_keras_jit_under_mirrored_still_fails(mirrored):
-    # When this fails, Keras compiles per replica itself and tfpar.xla can go.
+    # When this fails, Keras compiles per replica itself and tfpar.step.xla can go.
     assert "Trying to access resource" in mirrored["upstream"], mirrored["upstream"][:500]
 
 

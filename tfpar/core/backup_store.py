@@ -126,7 +126,7 @@ def latest(backup_dir):
         found = read(path)
         if isinstance(found, Backup):
             for skipped in problems:
-                log.warning("tfpar.backup: skipping damaged backup %s", skipped)
+                log.warning("tfpar: skipping damaged backup %s", skipped)
             return found
         problems.append(f"{path}: {found}")
     if problems:
@@ -240,7 +240,7 @@ def write(backup_dir, save, *, step, epoch=0, batch=0, steps_per_epoch=None, num
             "files": _describe_files(work)})
     if max_to_keep:
         prune(backup_dir, max_to_keep)
-    log.info("tfpar.backup: saved %s", final)
+    log.info("tfpar: backup saved %s", final)
     return made
 
 

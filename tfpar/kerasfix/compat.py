@@ -1,8 +1,8 @@
 """Small, version-gated fixes that make Keras 3 ``fit``/``evaluate``/``predict``
 work under ``MultiWorkerMirroredStrategy`` (DESIGN.md items 1-2), its
 saving (``model.save``, ``ModelCheckpoint``, ``BackupAndRestore``; item 16,
-implemented in ``tfpar/worker_saving.py``), and ``fit``/``evaluate`` under
-``ParameterServerStrategy`` (item 4, ``tfpar.ps_fit``).
+implemented in ``tfpar/kerasfix/saving.py``), and ``fit``/``evaluate`` under
+``ParameterServerStrategy`` (item 4, ``tfpar.kerasfix.ps_fit``).
 
 Each fix:
   * names its upstream issue;
@@ -210,7 +210,7 @@ def _install_loss_scale_finite():
     cls.check_finite = check_finite
 
 
-# --- Keras 3 saving has no chief (DESIGN.md item 16); code in tfpar/worker_saving.py --
+# --- Keras 3 saving has no chief (DESIGN.md item 16); code in tfpar/kerasfix/saving.py --
 
 def _no_chief(source):
     return "should_checkpoint" not in source and "chief" not in source
@@ -265,7 +265,7 @@ def ps_fit_needed():
 
 
 def _install_ps_fit():
-    """Send ``fit``/``evaluate`` of a model under ``ParameterServerStrategy`` to ``tfpar.ps_fit``.
+    """Send ``fit``/``evaluate`` of a model under ``ParameterServerStrategy`` to ``tfpar.kerasfix.ps_fit``.
 
     Keras 3 hands the dataset to ``experimental_distribute_dataset`` and stops
     ("you need to pass this dataset to ClusterCoordinator.create_per_worker_dataset").
@@ -315,7 +315,7 @@ FIXES = (
         "BackupAndRestore under multi-worker: only the chief writes and deletes, every worker restores its files",
         _backup_chief_present, _install("install_backup_chief_only")),
     Fix(PS_FIT, "keras-team/keras#18624",
-        "model.fit/evaluate under ParameterServerStrategy through a ClusterCoordinator (tfpar.ps_fit)",
+        "model.fit/evaluate under ParameterServerStrategy through a ClusterCoordinator (tfpar.kerasfix.ps_fit)",
         ps_fit_needed, _install_ps_fit),
 )
 NAMES = tuple(f.name for f in FIXES)

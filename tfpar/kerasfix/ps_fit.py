@@ -307,7 +307,7 @@ def fit(model, x=None, y=None, batch_size=None, epochs=1, verbose="auto", callba
     finished = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     if model._initial_epoch:
         # A backup restored on_train_begin resumes at this epoch, plus the steps a mid-epoch
-        # backup says were scheduled (tfpar.worker_saving); its own iterations count is the
+        # backup says were scheduled (tfpar.kerasfix.saving); its own iterations count is the
         # in-flight, approximate one.
         finished = model._initial_epoch * steps_per_epoch
     initial_epoch = model._initial_epoch or initial_epoch

@@ -1,7 +1,7 @@
 """Asynchronous training with parameter servers: servers, strategy, partitioned weights.
 
 Keras 3's ``fit`` does not run under ``ParameterServerStrategy``
-(keras-team/keras#18624, DESIGN.md item 4); ``tfpar.ps_fit`` supplies that
+(keras-team/keras#18624, DESIGN.md item 4); ``tfpar.kerasfix.ps_fit`` supplies that
 path and ``tfpar.compat`` routes ``model.fit``/``evaluate`` to it. This
 module holds what is specific to a parameter-server cluster:
 

@@ -243,7 +243,7 @@ def tf_log_level_from(argv):
 
 
 def run_main():
-    """Console-script entry point: TensorFlow's C++ log quiet (``tfpar.quiet``), then ``main``."""
+    """Console-script entry point: TensorFlow's C++ log quiet (``tfpar.core.quiet``), then ``main``."""
     quiet.start_tensorflow(quiet.level(tf_log_level_from(sys.argv)))
     sys.exit(main())
 

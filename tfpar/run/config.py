@@ -33,7 +33,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     validation_steps: int | None = None  # 0: no validation
     optimizer: str = "sgd"
-    learning_rate: float = 0.1  # at lr_reference_batch; see tfpar.schedules
+    learning_rate: float = 0.1  # at lr_reference_batch; see tfpar.run.schedules
     lr_reference_batch: int = 256
     lr_schedule: str = "cosine"
     warmup_epochs: float = 0.0
@@ -43,7 +43,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     weight_decay: float = 0.0
     grad_accum_steps: int = 1
-    all_reduce_dtype: str = "float32"  # "bfloat16": half the gradient bytes between replicas (tfpar.all_reduce)
+    all_reduce_dtype: str = "float32"  # "bfloat16": half the gradient bytes between replicas (tfpar.step.all_reduce)
     all_reduce_bucket_mb: float = 25.0  # gradients all-reduced in buckets overlapping backward; 0: Keras's one batch
     jit_compile: str = "auto"
     steps_per_execution: int = 1
@@ -60,14 +60,14 @@ class TrainConfig:
     schedule: str = "1f1b"
     balance: str = "time"
     pipeline_replicas: int = 1
-    # stragglers (tfpar.stragglers): every replica's times; batches balanced by measured speed
+    # stragglers (tfpar.step.stragglers): every replica's times; batches balanced by measured speed
     worker_times: bool = True
     balance_batches: bool = False
     balance_every: int = 20
     balance_min_fraction: float = 0.25
     seed: int = 0
-    verbose: int | None = None  # None: tfpar.callbacks picks a progress bar or one line per epoch
-    # fault tolerance (tfpar.backup, tfpar.preemption)
+    verbose: int | None = None  # None: tfpar.run.callbacks picks a progress bar or one line per epoch
+    # fault tolerance (tfpar.runtime.backup, tfpar.runtime.preemption)
     backup_dir: str = ""  # default: model_dir/backup
     backup_freq: str = "epoch"  # "epoch", a number of steps, or "none"
     keep_backups: bool = False

@@ -272,7 +272,7 @@ def _cifar_batch(raw, label_key, name, classes=None):
         labels = np.asarray(batch[label_key], dtype=np.int32)
     except Exception as err:  # any unpickling problem is the same user-facing mistake
         raise ValueError(f"CIFAR file {name!r} is not a valid python-pickle batch ({type(err).__name__}).") from None
-    # Checked here, not left to a TF error mid-fit (tfpar.backup's issue 6: bad input is one sentence).
+    # Checked here, not left to a TF error mid-fit (tfpar.runtime.backup's issue 6: bad input is one sentence).
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(f"CIFAR file {name!r} holds images of shape {data.shape}; expected rows of 3072 values "
                          f"(32x32 pixels x 3 channels).")
@@ -506,7 +506,7 @@ def make(config, global_batch_size, source=None, input_context=None, num_workers
       num_workers, worker_index: this process's place, for sources sharded
         here rather than by tf.data's autoshard (folders).
       micro_batches: training batches hold this many batches of
-        ``global_batch_size`` (gradient accumulation, ``tfpar.steps``); one
+        ``global_batch_size`` (gradient accumulation, ``tfpar.step.steps``); one
         step consumes them all. Validation batches hold one.
       skip_batches: resume: the training pipeline starts after this many of
         its batches (the steps a backup recorded), at the exact example and

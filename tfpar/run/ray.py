@@ -10,7 +10,7 @@ compat fixes (``tfpar.compat``) in that worker.
 * Metrics: every worker calls ``ray.train.report`` at every epoch end (Ray
   needs all workers to report equally often); Ray keeps the chief's.
 * Checkpoints: the chief attaches its newest tfpar backup
-  (``tfpar.backup``, the ``step-*`` directory) as a Ray ``Checkpoint``. When
+  (``tfpar.runtime.backup``, the ``step-*`` directory) as a Ray ``Checkpoint``. When
   Ray restarts the group, each worker puts Ray's latest checkpoint back into
   ``backup_dir`` if that holds nothing as new, and tfpar resumes from it as
   after any restart.

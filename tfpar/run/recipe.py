@@ -9,7 +9,7 @@ def metrics():
 
 
 def make_optimizer(config, global_batch_size, steps_per_epoch):
-    """The optimizer, with the scaled, warmed-up, decaying learning rate of ``tfpar.schedules``."""
+    """The optimizer, with the scaled, warmed-up, decaying learning rate of ``tfpar.run.schedules``."""
     import keras
 
     from tfpar.run import schedules

@@ -9,7 +9,7 @@ watches them, and on each failure asks its ``restart_policy`` whether to
 start the task again. ``--restarts K`` (``restart_up_to(K)``) restarts the
 *whole cluster* (MultiWorkerMirroredStrategy cannot take back one worker:
 its peers are stuck in collectives with the dead one), on fresh ports, up to
-K times; training resumes from its backup (``tfpar.backup``).
+K times; training resumes from its backup (``tfpar.runtime.backup``).
 """
 
 import argparse
@@ -161,7 +161,7 @@ class Supervisor:
                  tf_log_level=None):
         self.tasks = tasks
         self.env = dict(os.environ if env is None else env)
-        # The tasks' TensorFlow C++ log level (tfpar.quiet): --tf_log_level, else the user's, else 2.
+        # The tasks' TensorFlow C++ log level (tfpar.core.quiet): --tf_log_level, else the user's, else 2.
         self.tf_log_level = quiet.level(tf_log_level, self.env)
         self.env[quiet.ENV] = str(self.tf_log_level)
         self.timeout = timeout

@@ -260,7 +260,7 @@ def _parameter_server(cluster, num_ps_shards, min_shard_bytes):
     from tfpar.kerasfix import compat
     from tfpar.runtime import cluster as cluster_lib
 
-    compat.apply()  # Keras 3 fit/evaluate need tfpar.ps_fit under this strategy
+    compat.apply()  # Keras 3 fit/evaluate need tfpar.kerasfix.ps_fit under this strategy
     info = cluster or cluster_lib.detect()
     shards = num_ps_shards or max(1, info.num_ps)
     partitioner = None

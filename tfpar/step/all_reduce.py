@@ -104,8 +104,8 @@ def buckets(model, bucket_mb=DEFAULT_BUCKET_MB):
     """All-reduce ``model``'s gradients in buckets of ``bucket_mb`` MiB, last layers first.
 
     The Python entry point of ``--all_reduce_bucket_mb``. Call after
-    ``compile``; the order among ``apply``, ``tfpar.xla.enable``,
-    ``tfpar.steps.accumulate`` and ``tfpar.stragglers.enable`` does not
+    ``compile``; the order among ``apply``, ``tfpar.step.xla.enable``,
+    ``tfpar.step.steps.accumulate`` and ``tfpar.step.stragglers.enable`` does not
     matter. The model then trains with tfpar's step (``tfpar.step.builder``):
     each bucket's all-reduce can run while the backward pass computes the
     earlier layers' gradients, and the BatchNormalization statistics of a
@@ -117,7 +117,7 @@ def buckets(model, bucket_mb=DEFAULT_BUCKET_MB):
     """
     _check_bucket_mb(bucket_mb)
     if not getattr(model, "compiled", False):
-        raise ValueError("tfpar.all_reduce.buckets needs a compiled model; call model.compile(...) first.")
+        raise ValueError("tfpar.step.all_reduce.buckets needs a compiled model; call model.compile(...) first.")
     import tensorflow as tf
 
     strategy = model.distribute_strategy
@@ -126,7 +126,7 @@ def buckets(model, bucket_mb=DEFAULT_BUCKET_MB):
     use_buckets(model.optimizer, bucket_mb if on else 0)
     plans.of(model).reduction = reduce.of(model.optimizer)
     if on and tf.config.threading.get_inter_op_parallelism_threads() == 1:
-        log.warning("tfpar.all_reduce: with one inter-op thread TensorFlow starts each gradient bucket's all-reduce "
+        log.warning("tfpar.step.all_reduce: with one inter-op thread TensorFlow starts each gradient bucket's all-reduce "
                     "only after the backward pass, so buckets cannot overlap it; use 2 or more "
                     "(tf.config.threading.set_inter_op_parallelism_threads).")
     builder.install(model)

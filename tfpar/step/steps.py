@@ -47,7 +47,7 @@ def accumulate(model, micro_batches):
     if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
         raise ValueError(f"micro_batches must be a positive integer, got {micro_batches!r}.")
     if not getattr(model, "compiled", False):
-        raise ValueError("tfpar.steps.accumulate needs a compiled model; call model.compile(...) first.")
+        raise ValueError("tfpar.step.steps.accumulate needs a compiled model; call model.compile(...) first.")
     if micro_batches > 1 and builder.defines_own(model, "train"):
         raise ValueError(f"Model {model.name!r} defines its own train_step, which tfpar cannot split into "
                          f"micro-batches; use grad_accum_steps=1.")

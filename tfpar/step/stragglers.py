@@ -52,7 +52,7 @@ import tensorflow as tf
 
 from tfpar.step import builder, timing
 from tfpar.step import plan as plans
-from tfpar.step.timing import COLUMNS, SLOW_ENV  # noqa: F401  (tfpar.stragglers.SLOW_ENV, COLUMNS)
+from tfpar.step.timing import COLUMNS, SLOW_ENV  # noqa: F401  (tfpar.step.stragglers.SLOW_ENV, COLUMNS)
 
 log = logging.getLogger("tfpar")
 
@@ -154,7 +154,7 @@ def enable(model, global_batch, balance=False, shares=None):
     """
     reason = supported(model)
     if reason:
-        raise ValueError(f"tfpar.stragglers: {reason}.")
+        raise ValueError(f"tfpar.step.stragglers: {reason}.")
     plan = plans.of(model)
     replicas = model.distribute_strategy.num_replicas_in_sync
     count = plan.micro_batches

@@ -80,7 +80,7 @@ def enable(model, jit_compile="on"):
     ``jit_compile='off'`` undoes a previous ``enable``.
     """
     if not getattr(model, "compiled", False):
-        raise ValueError("tfpar.xla.enable needs a compiled model; call model.compile(...) first.")
+        raise ValueError("tfpar.step.xla.enable needs a compiled model; call model.compile(...) first.")
     from keras.src.trainers.trainer import model_supports_jit
 
     strategy = model.distribute_strategy
@@ -98,7 +98,7 @@ def enable(model, jit_compile="on"):
         model.jit_compile = False  # Keras's own XLA wraps strategy.run: the cross-device failure
         for kind in builder.KINDS:
             if builder.defines_own(model, kind):
-                warnings.warn(f"Model {model.name!r} defines its own {kind}_step; tfpar.xla leaves it uncompiled "
+                warnings.warn(f"Model {model.name!r} defines its own {kind}_step; tfpar.step.xla leaves it uncompiled "
                               f"(wrap its forward/backward in tf.function(jit_compile=True) yourself).", stacklevel=2)
             plan.xla[kind] = "custom" if builder.defines_own(model, kind) else "xla"
         log.info("XLA on for the per-replica steps of %s under %s", model.name, type(strategy).__name__)

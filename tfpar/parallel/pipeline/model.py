@@ -4,7 +4,7 @@ It holds the original model (so its weights are the original's variables:
 ``get_weights``, ``save_weights`` and ``load_weights`` of either see the
 same values) and a plan: the stage models, their devices, the schedule and
 the number of micro-batches. ``train_step`` runs the schedule
-(``tfpar.pipeline.stages``) and makes one optimizer update per step;
+(``tfpar.parallel.pipeline.stages``) and makes one optimizer update per step;
 ``call`` (used by ``evaluate`` and ``predict``) runs the stages in turn,
 each on its device. Users ``compile`` and ``fit`` it as any Keras model.
 """
@@ -28,7 +28,7 @@ class Plan:
     schedule: str
     micro_batches: int
     replicas: int
-    table: list  # the stage table (tfpar.pipeline.balance.table)
+    table: list  # the stage table (tfpar.parallel.pipeline.balance.table)
     trace: object = None  # a stages.Trace when the build is instrumented
 
 
