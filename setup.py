@@ -48,7 +48,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["tfpar", "tfpar.core", "tfpar.step", "tfpar.kerasfix", "tfpar.runtime", "tfpar.parallel",
-              "tfpar.parallel.pipeline", "tfpar.parallel.sharding", "tfpar.run", "tfpar.models"],
+              "tfpar.parallel.pipeline", "tfpar.parallel.sharding", "tfpar.run", "tfpar.run.hooks", "tfpar.models"],
     package_dir={"tfpar": "tfpar", "tfpar.models": "models"},
     install_requires=INSTALL_REQUIRES,
     extras_require={

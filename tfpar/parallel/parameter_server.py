@@ -9,13 +9,14 @@ module holds what is specific to a parameter-server cluster:
   ``serve()``; servers started in the coordinator's process hang
   (DESIGN.md item 14);
 * ``create()`` gives the chief its strategy and ``ClusterCoordinator``;
-* weights larger than ``min_shard_bytes`` are partitioned over the ps tasks,
-  and ``_gradients``/``_support_sharded_variables`` let Keras 3 train them;
+* weights larger than ``min_shard_bytes`` are partitioned over the ps tasks
+  (``tfpar.kerasfix.ps_variables`` and the step builder let Keras 3 train
+  them; a lost ps task is one clear error there);
 * ``checkpoints()`` saves and restores partitioned weights (in the
-  backup layout of ``tfpar.core.backup_store``), and
-  ``lost_ps_error`` turns a lost ps task into one clear error;
-* ``run_config`` is ``tfpar-train --strategy=parameter_server``: plain
-  Keras ``compile``/``fit`` under the strategy.
+  backup layout of ``tfpar.core.backup_store``).
+
+``tfpar-train --strategy=parameter_server`` is the run hook
+``tfpar.run.hooks.parameter_server``: plain Keras ``compile``/``fit`` under the strategy.
 """
 
 import logging

@@ -12,7 +12,7 @@
 layouts, ``layout_scope`` creates variables as DTensor variables and gives
 models compiled inside DTensor train/test/predict steps (``keras_steps``),
 ``report`` tables what is split where, ``ShardedTrainer`` is the older
-factory form with sharded checkpoints (``tfpar.run.dtensor_driver`` is
+factory form with sharded checkpoints (``tfpar.run.hooks.dtensor`` is
 ``tfpar-train --strategy=dtensor``).
 """
 
