@@ -1,5 +1,6 @@
 """Shared test helpers: bounded, always-reaped child processes and TensorBoard scalars read back."""
 
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,15 @@ def run_reaped(command, timeout, env=None, merge_output=False, **kwargs):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode, out, err or ""
+
+
+def script_result(path, timeout, env=None):
+    """Run the test file ``path`` as a script (its scenarios need their own process, e.g. for logical CPUs);
+    return its ``RESULT {json}`` line, parsed. The process is reaped whatever happens."""
+    code, out, err = run_reaped([sys.executable, os.path.abspath(path)], timeout, env=env,
+                                cwd=os.path.dirname(os.path.abspath(path)))
+    assert code == 0, (out + err)[-3000:]
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
 
 
 def reap(proc):

@@ -14,12 +14,11 @@ import types
 import numpy as np
 import pytest
 
-from helpers import run_reaped
+from helpers import script_result
 
 from tfpar.step import all_reduce
 from tfpar.run import driver as train
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # --------------------------------------------------------------------------- subprocess side
@@ -95,9 +94,7 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def mirrored():
-    code, out, err = run_reaped([sys.executable, os.path.abspath(__file__)], 300, cwd=HERE)
-    assert code == 0, err[-3000:]
-    return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    return script_result(__file__, 300)
 
 
 def test_gradients_are_summed_in_bfloat16_between_replicas(mirrored):

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import run_reaped
+from helpers import run_reaped, script_result
 
 from tfpar.step import all_reduce
 from tfpar.run import driver as train
@@ -116,9 +116,7 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def mirrored():
-    code, out, err = run_reaped([sys.executable, os.path.abspath(__file__)], 420, cwd=HERE)
-    assert code == 0, err[-3000:]
-    return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    return script_result(__file__, 420)
 
 
 def _same_weights(a, b):

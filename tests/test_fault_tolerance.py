@@ -328,6 +328,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow  # a real process
 def test_a_heartbeat_names_the_task_that_does_not_answer_and_exits_69():
     tf_config = json.dumps({"cluster": {"worker": ["198.18.0.1:2222", "198.18.0.2:2222"]},
                             "task": {"type": "worker", "index": 0}})

@@ -11,9 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import run_reaped
+from helpers import script_result
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 GLOBAL = 16  # examples per step over both replicas
 SHARES = [4, 12]  # uneven, each a multiple of the micro-batches
 MICRO = 2
@@ -104,9 +103,7 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def mirrored():
-    code, out, err = run_reaped([sys.executable, os.path.abspath(__file__)], 420, cwd=HERE)
-    assert code == 0, (out + err)[-3000:]
-    return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    return script_result(__file__, 420)
 
 
 def test_the_plan_composes_and_equals_one_device_on_the_same_global_batch(mirrored):

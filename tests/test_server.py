@@ -96,6 +96,7 @@ def _read_line(proc, prefix, timeout):
     raise AssertionError(f"no line starting {prefix!r}: {''.join(lines)[-3000:]}")
 
 
+@pytest.mark.slow  # a real process
 def test_a_server_until_gone_serves_while_the_chief_is_up_and_exits_0_after_it_left():
     chief, chief_address = _listener()
     port = launcher.free_ports(1)[0]
@@ -119,6 +120,7 @@ def test_a_server_until_gone_serves_while_the_chief_is_up_and_exits_0_after_it_l
         reap(proc)
 
 
+@pytest.mark.slow  # a real process
 def test_tfpar_launch_serve_serves_its_tf_config_task_until_killed():
     ports = launcher.free_ports(2)
     spec = {"chief": [f"127.0.0.1:{ports[0]}"], "ps": [f"127.0.0.1:{ports[1]}"]}

@@ -11,9 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import run_reaped
+from helpers import script_result
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # --------------------------------------------------------------------------- subprocess side
@@ -69,10 +68,7 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def mirrored():
-    code, out, err = run_reaped([sys.executable, os.path.abspath(__file__)], timeout=300,
-                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert code == 0, err[-3000:]
-    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    return script_result(__file__, 300, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
 
 def _max_diff(a, b):

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import event_scalars, quiet_env, run_reaped, tfpar_train_command
+from helpers import event_scalars, quiet_env, run_reaped, script_result, tfpar_train_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GLOBAL = 16
@@ -216,9 +216,7 @@ def test_balance_batches_take_micro_batches():
 
 @pytest.fixture(scope="module")
 def mirrored():
-    code, out, err = run_reaped([sys.executable, os.path.abspath(__file__)], 600, cwd=HERE)
-    assert code == 0, (out + err)[-3000:]
-    return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    return script_result(__file__, 600)
 
 
 def test_unequal_shares_on_two_logical_cpus_give_one_global_batchs_update(mirrored):

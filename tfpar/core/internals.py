@@ -120,10 +120,10 @@ HOOKS = (
     Hook("assert_compile_called", "@model:_assert_compile_called", "calls", used_by="ps_fit.py"),
     Hook("flatten_metrics_in_order", "@model:_flatten_metrics_in_order", "calls", "logs", used_by="ps_fit.py"),
     Hook("compile_metrics", "@model:_compile_metrics", "calls", used_by="step/pieces.py tracked_metrics (ps_fit.py)"),
-    # --- DTensor through Keras fit (tfpar/sharding/keras_steps.py) ------------------------
+    # --- DTensor through Keras fit (tfpar/parallel/sharding/keras_steps.py) -------------
     Hook("symbolic_build", "@model:_symbolic_build", "calls", "data_batch", used_by="sharding/keras_steps.py"),
     Hook("compile_loss", "@model:_compile_loss", "calls", used_by="pipeline/stages.py"),
-    # --- Pipeline stages (tfpar/pipeline/) --------------------------------------------------
+    # --- Pipeline stages (tfpar/parallel/pipeline/) ---------------------------------------
     Hook("functional_class", "keras.src.models.functional:Functional", "calls",
          used_by="pipeline/partition.py (a graph to cut?)"),
     Hook("layer_inbound_nodes", "@model:_inbound_nodes", "calls",
