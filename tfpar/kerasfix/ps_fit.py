@@ -43,7 +43,6 @@ import weakref
 
 import numpy as np
 
-from tfpar.core.devices import is_parameter_server  # noqa: F401  (tfpar.kerasfix.ps_fit.is_parameter_server)
 from tfpar.kerasfix import ps_variables
 from tfpar.kerasfix import saving as worker_saving
 from tfpar.step import builder, pieces

@@ -9,7 +9,7 @@ import logging
 
 import tensorflow as tf
 
-from tfpar.core.devices import configure_virtual_cpus, is_multi_worker, local_devices  # noqa: F401  (public here too)
+from tfpar.core.devices import configure_virtual_cpus, local_devices
 
 log = logging.getLogger("tfpar")
 

@@ -34,6 +34,7 @@ compute ops it is running (traced on a one-core worker).
 
 import logging
 
+from tfpar.core.devices import is_mirrored
 from tfpar.step import builder, reduce
 from tfpar.step import plan as plans
 
@@ -121,8 +122,7 @@ def buckets(model, bucket_mb=DEFAULT_BUCKET_MB):
     import tensorflow as tf
 
     strategy = model.distribute_strategy
-    mirrored = isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy))
-    on = bucket_mb > 0 and mirrored and strategy.num_replicas_in_sync > 1  # TPUs sum inside XLA; PS does not
+    on = bucket_mb > 0 and is_mirrored(strategy) and strategy.num_replicas_in_sync > 1  # TPUs sum inside XLA; PS does not
     use_buckets(model.optimizer, bucket_mb if on else 0)
     plans.of(model).reduction = reduce.of(model.optimizer)
     if on and tf.config.threading.get_inter_op_parallelism_threads() == 1:

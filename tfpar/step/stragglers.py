@@ -50,6 +50,7 @@ import time
 import keras
 import tensorflow as tf
 
+from tfpar.core.devices import is_mirrored
 from tfpar.step import builder, timing
 from tfpar.step import plan as plans
 from tfpar.step.timing import COLUMNS, SLOW_ENV  # noqa: F401  (tfpar.step.stragglers.SLOW_ENV, COLUMNS)
@@ -126,7 +127,7 @@ def distribute(strategy, dataset):
 def supported(model):
     """Why ``model`` cannot record worker times (a sentence), or None when it can."""
     strategy = model.distribute_strategy
-    if not isinstance(strategy, (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)):
+    if not is_mirrored(strategy):
         return "worker times and balanced batches need mirrored or multi_worker training"
     if strategy.num_replicas_in_sync < 2:
         return "worker times and balanced batches need two or more replicas"

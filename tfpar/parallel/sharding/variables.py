@@ -10,7 +10,6 @@ layout of the variable they belong to.
 
 import contextlib
 import re
-import types
 
 import tensorflow as tf
 from tensorflow.experimental import dtensor

@@ -62,13 +62,13 @@ class KerasFit(Hook):
 
     def callbacks(self, model, global_batch, pipes, extra):
         from tfpar.run import callbacks
-        from tfpar.runtime import strategies
+        from tfpar.core import devices
 
         config, info = self.config, self.info
         cbs, self.throughput = callbacks.for_run(
             config, self.model_dir, info.is_chief, global_batch * config.grad_accum_steps, pipes.val is not None,
             print_fn=self.print_fn, task_name=info.task_name,
-            multi_worker=strategies.is_multi_worker(self.strategy))
+            multi_worker=devices.is_multi_worker(self.strategy))
         cbs.extend(extra)
         cbs.extend(self._more_callbacks())
         self.timing = self._worker_times(model, global_batch)
