@@ -9,7 +9,6 @@ layout of the variable they belong to.
 """
 
 import contextlib
-import re
 
 import tensorflow as tf
 from tensorflow.experimental import dtensor
@@ -179,7 +178,3 @@ def assign(variable, array, layouts):
     """Assign a full host value to a DTensor-backed Keras variable, keeping its layout."""
     spec = layouts.specs[variable.path]
     variable.assign(put(tf.cast(array, variable.dtype), layouts.layout(spec)))
-
-
-def flat_name(path):
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", path)
