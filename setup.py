@@ -37,6 +37,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",  # writes image fixtures in tests and the sharding chart's PNG
 ]
 
+KERAS_HUB = "keras-hub>=0.25"  # 0.25 is the newest for Keras 3.10, the oldest supported pair
 RAY = "ray[train]>=2.60,<3"  # Ray Train's TensorflowTrainer; Linux wheels for Python 3.10-3.13
 
 setup(
@@ -55,8 +56,19 @@ setup(
         "cpu": [f"tensorflow{TENSORFLOW}"],
         "and-cuda": [f"tensorflow[and-cuda]{TENSORFLOW}"],
         "tpu": [f"tensorflow-tpu{TENSORFLOW}"],
-        # pyyaml: tests read docs/kubernetes.md; ray: tests/test_ray.py runs in CI too; nbclient...: the notebook test
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pyyaml>=6", RAY, "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # pyyaml: tests read docs/kubernetes.md; ray: tests/test_ray.py runs in CI too; nbclient...: the notebook test;
+        # keras-hub: transformer backbones built from tiny configs (nothing downloaded). It pulls in `tensorflow`
+        # through tensorflow-text, so install the test extras beside [cpu], not beside tensorflow-cpu.
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "pyyaml>=6",
+            RAY,
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            KERAS_HUB,
+        ],
         "ray": [RAY],  # tfpar.ray, tfpar-train --launcher=ray
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "build", "twine"],
     },
