@@ -681,7 +681,10 @@ def main(argv=None):
                 print(f"  of the ceiling {c['name']}: {c['ratio_to_ceiling']:.3f}{target}", flush=True)
     add_mfu(report["comparisons"], info)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{(info['gpu'] or 'cpu').replace(' ', '_')}-{info['cores']}core-{report['date']}")
+    # One file per --only selection, so running one comparison does not overwrite the day's full run.
+    suffix = "".join(f"-{n.replace('_', '-')}" for n in only)
+    stem = os.path.join(args.out,
+                        f"{(info['gpu'] or 'cpu').replace(' ', '_')}-{info['cores']}core-{report['date']}{suffix}")
     from tfpar.core.summary import write_json_atomic
 
     write_json_atomic(stem + ".json", report)
