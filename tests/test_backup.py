@@ -61,7 +61,7 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path):
     resumed = _model()
     cb = _callback(tmp_path, save_freq=2)
     history = _fit(resumed, cb, epochs=3)
-    assert cb.resumed == {"epoch": 1, "batch": 1, "step": 4, "path": str(tmp_path / "step-000000004")}
+    assert cb.resumed == {"epoch": 1, "batch": 1, "step": 4, "path": str(tmp_path / "step-000000004"), "workers": 1}
     assert len(history.history["loss"]) == 2  # epochs 2 (its remaining 2 steps) and 3
     assert int(resumed.optimizer.iterations.numpy()) == 3 * STEPS
     # Same weights, slots, iterations (so the LR schedule position) as without the interruption.

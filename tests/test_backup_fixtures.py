@@ -26,7 +26,8 @@ def test_a_tfpar_format_1_mid_epoch_backup_resumes_at_its_step(tmp_path):
                                strategy="one_device", tensorboard=False, checkpoint_best=False, data="digits",
                                model_dir=str(tmp_path / "run1"))
     summary = train.run(config, print_fn=lines.append)
-    assert summary["resumed_from"] == {"epoch": 1, "batch": 1, "step": 4, "path": str(backup_dir / "step-000000004")}
+    assert summary["resumed_from"] == {"epoch": 1, "batch": 1, "step": 4, "path": str(backup_dir / "step-000000004"),
+                                       "workers": 1}
     assert f"resumed from backup {backup_dir / 'step-000000004'}: epoch 2, step 4" in lines
     assert summary["optimizer_updates"] == 6  # the 2 steps epoch 2 still owed, not 3
     assert sorted(os.listdir(backup_dir)) == ["step-000000004"]  # no step 8 was reached; the old one is intact

@@ -98,7 +98,7 @@ def test_sigkill_one_worker_mid_epoch_2_launcher_restarts_and_run_resumes(tmp_pa
     # Resumed from the mid-epoch-2 backup, not from scratch, and finished all 4 epochs.
     assert chief["resumed_from"]["step"] == 6 and chief["resumed_from"]["epoch"] == 1, chief["resumed_from"]
     assert chief["optimizer_updates"] == 16
-    assert chief["epochs_done"] == 3  # epochs 2 (its last 2 steps), 3 and 4 in the restarted run
+    assert chief["epochs_done"] == 4  # the whole run: epoch 1 before the kill, epochs 2 (its last 2 steps) to 4 after
     workers = [_summary(model_dir, f"summary.worker-{i}.json") for i in range(2)]
     assert workers[0]["weights_sha256"] == workers[1]["weights_sha256"]
     assert all(w["resumed_from"]["step"] == 6 for w in workers)

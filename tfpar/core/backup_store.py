@@ -22,7 +22,8 @@ Layout of a backup directory::
 
 ``backup.json`` records the sizes and CRC-32 of the checkpoint files, the
 epoch and step, the number of workers (``null``: any number may resume it)
-and the model's signature; a backup whose files do not match is skipped in
+the model's signature and, for elastic resumes, the run's strategy family,
+examples per update and examples trained; a backup whose files do not match is skipped in
 favour of the previous one. Imports no TensorFlow: the callers pass the
 function that writes the checkpoint.
 """
@@ -60,6 +61,7 @@ class Backup:
     batch: int  # steps done in epoch ``epoch`` (0 at an epoch boundary)
     num_workers: object  # the workers that wrote it; None when any number may resume it
     signature: dict
+    run: dict = dataclasses.field(default_factory=dict)  # family, examples_per_update, examples (elastic resume)
 
     @property
     def checkpoint_prefix(self):
@@ -99,7 +101,7 @@ def read(path):
                 return f"{name} fails its CRC-32 check"
         workers = meta["num_workers"]
         return Backup(path, int(meta["step"]), int(meta["epoch"]), int(meta["batch"]),
-                      None if workers is None else int(workers), dict(meta["signature"]))
+                      None if workers is None else int(workers), dict(meta["signature"]), dict(meta.get("run") or {}))
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"unreadable metadata ({err})"
 
@@ -218,7 +220,7 @@ def staged(final, replace=True):
 
 
 def write(backup_dir, save, *, step, epoch=0, batch=0, steps_per_epoch=None, num_workers=None,
-          signature=None, is_chief=True, task_name="worker-0", max_to_keep=None):
+          signature=None, is_chief=True, task_name="worker-0", max_to_keep=None, run=None):
     """Write backup ``step-<step>`` of ``backup_dir``; return its ``Backup``.
 
     ``save(prefix)`` writes the checkpoint files at ``prefix``. It runs on
@@ -227,7 +229,7 @@ def write(backup_dir, save, *, step, epoch=0, batch=0, steps_per_epoch=None, num
     newest ``max_to_keep`` backups are deleted.
     """
     final = os.path.join(os.path.abspath(backup_dir), f"{PREFIX}{step:09d}")
-    made = Backup(final, step, epoch, batch, num_workers, dict(signature or {}))
+    made = Backup(final, step, epoch, batch, num_workers, dict(signature or {}), dict(run or {}))
     if not is_chief:
         with worker_temp_dir(task_name, "backup") as tmp:
             save(os.path.join(tmp, CKPT))
@@ -236,7 +238,7 @@ def write(backup_dir, save, *, step, epoch=0, batch=0, steps_per_epoch=None, num
         save(os.path.join(work, CKPT))
         write_json_atomic(os.path.join(work, METADATA), {
             "format": FORMAT, "step": step, "epoch": epoch, "batch": batch, "steps_per_epoch": steps_per_epoch,
-            "num_workers": num_workers, "signature": made.signature, "time": time.time(),
+            "num_workers": num_workers, "signature": made.signature, "run": made.run, "time": time.time(),
             "files": _describe_files(work)})
     if max_to_keep:
         prune(backup_dir, max_to_keep)

@@ -98,6 +98,11 @@ _HELP = {
     "backup_dir": "Where backups for resuming go (default: MODEL_DIR/backup; shared storage in a cluster).",
     "backup_freq": "Back up every epoch ('epoch'), every N steps ('N'), or never ('none').",
     "keep_backups": "Keep the backups after a successful finish (default: delete them).",
+    "max_per_replica_batch": "Most examples per replica in one micro-batch; a larger share of the global batch is "
+                             "trained in gradient-accumulation steps instead (also when a resume on fewer workers "
+                             "keeps the global batch). Unset: no cap.",
+    "allow_batch_change": "Resume a backup written with another global batch (or accumulation) at this run's batch, "
+                          "from the backup's example and step; refused without it.",
     "cluster_timeout": "Seconds a worker waits for the others to come up before it exits with code 69; a peer "
                        "lost mid-run is noticed within a quarter of it (at most 10 s), also exit 69.",
     "launcher": "'' (this process is one task of the cluster) or ray: run --workers Ray Train workers "

@@ -72,6 +72,9 @@ class TrainConfig:
     backup_freq: str = "epoch"  # "epoch", a number of steps, or "none"
     keep_backups: bool = False
     cluster_timeout: float = 300.0
+    # elastic resume (tfpar.runtime.elastic): a backup resumes on another number of workers, same global batch
+    max_per_replica_batch: int | None = None  # cap; more gradient accumulation steps instead
+    allow_batch_change: bool = False  # resume a backup with another global batch
     # engines (tfpar.ray)
     launcher: str = ""  # "" (this process is one task) or "ray"
     workers: int = 2  # with launcher=ray: Ray Train workers
@@ -105,6 +108,9 @@ class TrainConfig:
         if self.grad_accum_steps > 1 and self.strategy in ("parameter_server", "dtensor"):
             raise ValueError(f"grad_accum_steps={self.grad_accum_steps} works with Keras fit strategies; "
                              f"{self.strategy} trains with its own loop, so use grad_accum_steps=1.")
+        if self.max_per_replica_batch is not None and self.strategy in ("parameter_server", "dtensor", "pipeline"):
+            raise ValueError(f"max_per_replica_batch works with Keras fit strategies (it adds gradient accumulation "
+                             f"steps); {self.strategy} cannot accumulate, so leave it unset.")
         if self.all_reduce_dtype != "float32" and self.strategy in ("parameter_server", "dtensor"):
             raise ValueError(f"all_reduce_dtype={self.all_reduce_dtype} works with mirrored and multi_worker "
                              f"training; {self.strategy} does not all-reduce gradients.")
@@ -114,7 +120,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("batch_size", "per_replica_batch_size", "steps_per_epoch", "validation_steps", "virtual_cpus"):
+        for name in ("batch_size", "per_replica_batch_size", "steps_per_epoch", "validation_steps", "virtual_cpus",
+                     "max_per_replica_batch"):
             value, least = getattr(self, name), 0 if name == "validation_steps" else 1
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
                 raise ValueError(f"{name} must be {'an integer >= 0' if least == 0 else 'a positive integer'} "

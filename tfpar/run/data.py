@@ -323,32 +323,85 @@ def _options(policy):
     return options
 
 
-def _finish(ds, batch_size, training, seed, policy, shuffle_buffer, map_fn=None, skip_batches=0):
-    """Shuffle/repeat (training), skip, map, batch once, set the autoshard policy, prefetch.
+def _finish(ds, batch_size, training, seed, policy, shuffle_buffer, map_fn=None, skip=0, part=None):
+    """Shuffle/repeat (training), skip, take this worker's part, map, batch once, set the autoshard policy, prefetch.
 
-    ``skip_batches`` (training) drops the first that many batches' examples of the
-    shuffled stream before ``map_fn``, so a resumed run starts at the exact example
-    where its backup was taken without reading or decoding the skipped images; the
-    augmentation counter starts there too, so every example gets the seed it had.
+    ``skip`` (training) drops the first that many examples of the shuffled
+    stream before ``map_fn``, so a resumed run starts at the exact example
+    where its backup was taken without reading or decoding the skipped images;
+    the augmentation counter starts there too, so every example gets the seed
+    it had. ``part`` = (workers, index): the stream is the same on every
+    worker and each keeps its slice of every batch before decoding, so a
+    global step trains the same examples whatever the number of workers
+    (what lets a backup resume on another worker count, tfpar.runtime.elastic).
     """
     import tensorflow as tf
 
-    skipped = skip_batches * batch_size if training else 0
-    if training:
+    skipped = skip if training else 0
+    if training and isinstance(ds, tuple):  # an in-memory table: shuffled by position, statelessly
+        ds = _shuffled(ds, seed, skipped)
+    elif training:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
         if skipped:
             ds = ds.skip(skipped)
+    elif isinstance(ds, tuple):
+        ds = tf.data.Dataset.from_tensor_slices(ds)
     if map_fn is not None:
         if training:
             # Each example gets the stateless seed (seed, running index): augmentation is deterministic
             # under parallel map, and a counter (scan) is no new source, so FILE autoshard still works.
             ds = ds.scan(tf.constant(skipped, tf.int64),
                          lambda i, example: (i + 1, (example, tf.stack([tf.constant(seed, tf.int64), i]))))
+            if part is not None and part[0] > 1:
+                ds = _worker_slice(ds, batch_size, *part)
             ds = ds.map(lambda example, s: map_fn(*example, s), num_parallel_calls=tf.data.AUTOTUNE)
         else:
             ds = ds.map(lambda *example: map_fn(*example, None), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=training)
     return ds.with_options(_options(policy)).prefetch(tf.data.AUTOTUNE)
+
+
+def _shuffled(table, seed, skip):
+    """The rows of ``table`` (a tuple of equally long arrays), epoch after epoch, each epoch in its own order.
+
+    Example ``i`` of the stream is row ``index_shuffle(i mod n)`` under the seed
+    (seed, epoch): a pure function of ``i``, with no shuffle buffer or random
+    state, so every worker and every worker count read one and the same
+    stream (a tf.data shuffle under a multi-worker strategy did not), and
+    skipping ``skip`` examples costs nothing.
+    """
+    import tensorflow as tf
+
+    rows = len(table[0])
+    tensors = tuple(tf.constant(t) for t in table)
+
+    def row(i):
+        where = tf.random.experimental.index_shuffle(
+            i % rows, seed=tf.stack([tf.constant(seed, tf.int64), i // rows]),
+            max_index=rows - 1)
+        return tuple(tf.gather(t, where) for t in tensors)
+
+    return tf.data.Dataset.range(skip, 2 ** 62).map(row, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def _worker_slice(ds, batch_size, workers, index):
+    """Worker ``index``'s contiguous slice of every batch of ``batch_size`` examples, as single examples.
+
+    Keras ``fit`` under a multi-worker strategy with autoshard OFF trains
+    ``batch_size / workers`` of each worker's examples per step (tf.data's
+    rebatch), so step k trains exactly the examples of global batch k.
+    """
+    import tensorflow as tf
+
+    if batch_size % workers:
+        raise ValueError(f"A batch of {batch_size} does not split evenly over {workers} workers; "
+                         f"use a multiple of {workers}.")
+    share = batch_size // workers
+    start = index * share
+    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda *batch: tf.nest.map_structure(lambda t: t[start:start + share],
+                                                     batch if len(batch) > 1 else batch[0]))
+    return ds.unbatch()
 
 
 def from_arrays(x, y, global_batch_size, training, seed=0, drop_remainder=True):
@@ -438,7 +491,7 @@ def _shard(ds, context):
     return ds.shard(context.num_input_pipelines, context.input_pipeline_id) if context else ds
 
 
-def _split(source, split, config, batch_size, num_workers, worker_index, context, skip_batches=0):
+def _split(source, split, config, batch_size, num_workers, worker_index, context, skip=0):
     """One split's pipeline, or ``None`` when the source has no such split."""
     import tensorflow as tf
 
@@ -461,20 +514,27 @@ def _split(source, split, config, batch_size, num_workers, worker_index, context
             (x_tr, y_tr), (x_va, y_va) = source.arrays
             map_fn = _cifar_preprocess(size)
         x, y = (x_tr, y_tr) if training else (x_va, y_va)
-        ds = _shard(tf.data.Dataset.from_tensor_slices((x, y)), context)
-        return _finish(ds, batch_size, training, seed, "OFF" if context else "DATA", len(x), map_fn, skip_batches)
+        ds = _shard(tf.data.Dataset.from_tensor_slices((x, y)), context) if context else (x, y)
+        return _finish(ds, batch_size, training, seed, "OFF" if context else "DATA", len(x), map_fn, skip)
     files = source.train_files if training else source.val_files
     if not files:
         return None
     if source.kind == "folder":
         labels = source.train_labels if training else source.val_labels
         ds = tf.data.Dataset.from_tensor_slices((files, labels))
-        # Sharded here (by pipeline, or by worker for Keras fit) so each image is decoded by one worker only.
-        ds = _shard(ds, context) if context else ds.shard(num_workers, worker_index)
+        # Sharded (by pipeline, or by worker: validation) or sliced (training under Keras fit: every worker
+        # shuffles the same list, then keeps its part of each batch) so each image is decoded by one worker only.
+        part = None
+        if context:
+            ds = _shard(ds, context)
+        elif training:
+            ds, part = (np.asarray(files), np.asarray(labels)), (num_workers, worker_index)
+        else:
+            ds = ds.shard(num_workers, worker_index)
         preprocess = _decode_preprocess(size)
         # Files are read after shuffling (the same order as shuffling their bytes), so skipping is free.
         return _finish(ds, batch_size, training, seed, "OFF", 10_000,
-                       lambda f, lab, s: preprocess(tf.io.read_file(f), lab, s), skip_batches)
+                       lambda f, lab, s: preprocess(tf.io.read_file(f), lab, s), skip, part)
     # tfrecord: shard by file when every pipeline gets at least one file, else by record.
     pipelines, index = (context.num_input_pipelines, context.input_pipeline_id) if context else (num_workers, worker_index)
     by_file = len(files) >= pipelines
@@ -489,11 +549,11 @@ def _split(source, split, config, batch_size, num_workers, worker_index, context
         ds = _shard(ds, context)
     ds = ds.map(_parse_example, num_parallel_calls=tf.data.AUTOTUNE)
     policy = "OFF" if context or by_file else "DATA"
-    return _finish(ds, batch_size, training, seed, policy, 10_000, _decode_preprocess(size), skip_batches)
+    return _finish(ds, batch_size, training, seed, policy, 10_000, _decode_preprocess(size), skip)
 
 
 def make(config, global_batch_size, source=None, input_context=None, num_workers=1, worker_index=0, micro_batches=1,
-         skip_batches=0):
+         skip_batches=0, skip_examples=None):
     """Train and validation pipelines for ``config.data``.
 
     Args:
@@ -512,14 +572,16 @@ def make(config, global_batch_size, source=None, input_context=None, num_workers
         its batches (the steps a backup recorded), at the exact example and
         with the same augmentation seeds as an uninterrupted run; the skipped
         examples are not decoded. Synthetic data has no position to skip.
+      skip_examples: the same, counted in examples (a resume on another
+        worker count or batch); replaces ``skip_batches``.
 
     Returns:
       ``Pipelines``; ``val`` is ``None`` for sources without a validation split.
     """
     source = source or inspect(config.data, config.num_classes, config.seed)
     batch = input_context.get_per_replica_batch_size(global_batch_size) if input_context else global_batch_size
-    train = _split(source, "train", config, batch * micro_batches, num_workers, worker_index, input_context,
-                   skip_batches)
+    skip = skip_examples if skip_examples is not None else skip_batches * batch * micro_batches
+    train = _split(source, "train", config, batch * micro_batches, num_workers, worker_index, input_context, skip)
     val = _split(source, "val", config, batch, num_workers, worker_index, input_context)
     steps, val_steps = config.steps_per_epoch, config.validation_steps
     if source.kind == "synthetic":

@@ -103,6 +103,7 @@ def train(hook, extra_callbacks=()):
 
     hook.connect()
     global_batch = hook.global_batch()
+    config = hook.config  # a resume on another worker count may cut the batch up otherwise (tfpar.runtime.elastic)
     policy = precision.apply(config.precision, hook.strategy)
     keras.utils.set_random_seed(config.seed)
     pipes = data.make(config, global_batch, source, **hook.reading())
@@ -141,7 +142,7 @@ def train(hook, extra_callbacks=()):
         "precision": policy,
         "global_batch_size": global_batch,
         "learning_rate_peak": peak,
-        "epochs_done": len(hist.get("loss", [])),
+        "epochs_done": hook.epochs_before() + len(hist.get("loss", [])),  # the whole run's, across resumes
         "optimizer_updates": hook.optimizer_updates(model),
         "train_loss": last("loss"),
         "train_accuracy": last("accuracy"),

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from tfpar.core import backup_store as store
 from tfpar.core.epoch_resume import EpochResume
-from tfpar.runtime import preemption
+from tfpar.runtime import elastic, preemption
 
 FORMAT, METADATA, PREFIX, TMP_PREFIX, CKPT = store.FORMAT, store.METADATA, store.PREFIX, store.TMP_PREFIX, store.CKPT
 Backup = store.Backup
@@ -87,11 +87,19 @@ class BackupAndRestore(keras.callbacks.Callback):
       preemption: handle SIGTERM (save, then exit with
         ``preemption.EXIT_PREEMPTED``); all workers agree on the step.
       grace_period: seconds after SIGTERM before exiting even without a save.
+      family: the strategy family (``tfpar.runtime.elastic``); given, a backup of
+        the same synchronous family resumes on another number of workers.
+      wanted_update, allow_batch_change: the examples per update this run asks
+        for explicitly; another one than the backup's is refused unless allowed.
+
+    Set ``examples_per_update`` before ``fit``: backups then record the examples
+    trained, so a resume on another worker count starts at the same example.
     """
 
     def __init__(self, backup_dir, save_freq="epoch", *, is_chief=True, task_name="worker-0",
                  num_workers=1, signature=None, steps_per_epoch=None, keep=False, max_to_keep=2,
-                 preemption=True, grace_period=preemption.DEFAULT_GRACE_SEC, print_fn=print):
+                 preemption=True, grace_period=preemption.DEFAULT_GRACE_SEC, print_fn=print, family=None,
+                 wanted_update=None, allow_batch_change=False):
         super().__init__()
         if save_freq != "epoch" and (not isinstance(save_freq, int) or isinstance(save_freq, bool) or save_freq < 1):
             raise ValueError(f"backup save_freq must be 'epoch' or a positive number of steps, got {save_freq!r}.")
@@ -109,10 +117,15 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.print_fn = print_fn or (lambda *a, **k: None)
         # Read (not restore) the backup now: no TF needed, and a foreign
         # backup is refused before anything else is written.
+        self.family = family
+        self.examples_per_update = None  # set by the run before fit (elastic resume)
         self.resume = latest(self.backup_dir)
-        if self.resume is not None:
+        if self.resume is not None and family is None:
             check_compatible(self.resume, self.signature, num_workers)
-        self.resumed = None  # {"epoch", "step", "batch", "path"} once restored
+        elif self.resume is not None:
+            store.refuse_foreign(self.backup_dir, self.resume.signature, self.signature)
+            elastic.check(self.resume, self.backup_dir, family, num_workers, wanted_update, allow_batch_change)
+        self.resumed = None  # {"epoch", "step", "batch", "path", "workers"} once restored
         self.last_saved = None
         self._watch = None
 
@@ -127,6 +140,22 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self.resume is None or not self.resume.step:
             return dataset
         return dataset.skip(self.resume.step)
+
+    def resumed_update(self):
+        """The examples per update the backup's run trained with (None: no backup, or it did not record them)."""
+        return (self.resume.run or {}).get("examples_per_update") if self.resume is not None else None
+
+    def examples_before(self):
+        """Examples trained before the backup this run resumes from (0 without one)."""
+        if self.resume is None:
+            return 0
+        recorded = (self.resume.run or {}).get("examples")
+        return int(recorded) if recorded is not None else self.resume.step * (self.examples_per_update or 1)
+
+    def examples(self):
+        """Examples trained so far in the whole run, resumed ones counted once."""
+        done = self._step - (self.resume.step if self.resume is not None else 0)
+        return self.examples_before() + done * (self.examples_per_update or 0)
 
     # --- restore -------------------------------------------------------
 
@@ -151,8 +180,13 @@ class BackupAndRestore(keras.callbacks.Callback):
         if backup.batch:
             if not self.steps_per_epoch:
                 raise ValueError(f"The backup {backup.path} was taken mid-epoch; resuming it needs steps_per_epoch.")
-            self._position = EpochResume(resumed_epoch=backup.epoch, done_before=backup.batch)
-        self.resumed = {"epoch": backup.epoch, "batch": backup.batch, "step": backup.step, "path": backup.path}
+            done = backup.batch
+            theirs = self.resumed_update()
+            if theirs and self.examples_per_update and theirs != self.examples_per_update:
+                done = round(done * theirs / self.examples_per_update)  # --allow_batch_change: the nearest step
+            self._position = EpochResume(resumed_epoch=backup.epoch, done_before=done)
+        self.resumed = {"epoch": backup.epoch, "batch": backup.batch, "step": backup.step, "path": backup.path,
+                        "workers": backup.num_workers}
         self.print_fn(f"resumed from backup {backup.path}: epoch {backup.epoch + 1}, step {backup.step}")
 
     io_device = None  # one device for all checkpoint file IO: a pipeline's chief keeps remote stages' files
@@ -216,7 +250,12 @@ class BackupAndRestore(keras.callbacks.Callback):
             self.backup_dir, lambda prefix: self._checkpoint.write(prefix, options=self._options()),
             step=self._step, epoch=epoch, batch=batch, steps_per_epoch=self.steps_per_epoch,
             num_workers=self.num_workers, signature=self.signature, is_chief=self.is_chief,
-            task_name=self.task_name, max_to_keep=self.max_to_keep)
+            task_name=self.task_name, max_to_keep=self.max_to_keep, run=self._run_record())
+
+    def _run_record(self):
+        if self.family is None:
+            return None
+        return {"family": self.family, "examples_per_update": self.examples_per_update, "examples": self.examples()}
 
 
 # ------------------------------------------------------------------ the driver's view
@@ -254,8 +293,11 @@ def check_model_dir(model_dir, this_signature):
                          f"use a new model_dir.")
 
 
-def for_run(config, cluster, print_fn=print):
+def for_run(config, cluster, print_fn=print, family=None):
     """The ``BackupAndRestore`` a ``TrainConfig`` asks for, or None when backups are off.
+
+    ``family`` (``tfpar.runtime.elastic.family``): let a backup of that family
+    resume on another number of workers.
 
     Built before anything is written, so a foreign or damaged backup is
     refused while the model_dir is still as the user left it.
@@ -267,5 +309,8 @@ def for_run(config, cluster, print_fn=print):
         parse_freq(config.backup_freq),
         is_chief=cluster.is_chief, task_name=cluster.task_name, num_workers=cluster.num_workers,
         signature=signature(config), keep=config.keep_backups,
-        print_fn=print_fn if cluster.is_chief else None,
+        print_fn=print_fn if cluster.is_chief else None, family=family,
+        wanted_update=(None if config.per_replica_batch_size is not None
+                       else config.global_batch_size(1) * config.grad_accum_steps),
+        allow_batch_change=config.allow_batch_change,
     )

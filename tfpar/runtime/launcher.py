@@ -25,7 +25,7 @@ import threading
 import time
 
 from tfpar.core import quiet
-from tfpar.runtime import server
+from tfpar.runtime import peers, server
 
 HOST = "127.0.0.1"
 STOP_GRACE_SEC = 5.0  # after a task failed: its peers are stuck in collectives, no save is coming
@@ -48,6 +48,10 @@ the exit code is the first failure's (128+N for a signal, 124 for --timeout).
 With --restarts K, a failure (any exit code but 2, a user error) instead
 stops every task and starts the whole cluster again, up to K times; exit
 code 75 is tfpar-train's "preempted, backup saved".
+With --min_workers K as well, a worker that fails again right after a restart
+caused by it (its host is gone) is left out: the cluster restarts without it,
+renumbered, and tfpar-train resumes its backup on the smaller cluster with the
+same global batch. Below K workers the launcher stops with exit code 69.
 """
 
 
@@ -158,8 +162,10 @@ class Supervisor:
     """Starts the tasks, streams their output, and stops them all on the first failure."""
 
     def __init__(self, tasks, env=None, timeout=None, restart_policy=never_restart, out=None, fresh_ports=True,
-                 tf_log_level=None):
+                 tf_log_level=None, min_workers=None):
         self.tasks = tasks
+        self.min_workers = min_workers  # leave out a worker that fails again right after its restart, down to this
+        self.last_failed = None  # the task whose failure caused the last restart
         self.env = dict(os.environ if env is None else env)
         # The tasks' TensorFlow C++ log level (tfpar.core.quiet): --tf_log_level, else the user's, else 2.
         self.tf_log_level = quiet.level(tf_log_level, self.env)
@@ -238,8 +244,27 @@ class Supervisor:
         for task in self.tasks:
             self.start(task)
 
+    def _leave_out(self, lost):
+        """``lost`` failed again right after the restart it caused: restart without it, or stop below the minimum."""
+        workers = [t for t in self.tasks if t.task_type == "worker"]
+        before = ", ".join(t.name for t in workers)
+        if len(workers) - 1 < self.min_workers:
+            self._print(f"[launcher] {lost.name} failed again after a restart; {len(workers) - 1} worker(s) would be "
+                        f"below --min_workers {self.min_workers}; lost: {lost.name}; stopping all tasks\n")
+            return peers.EXIT_UNREACHABLE
+        kept = [t for t in workers if t.name != lost.name]
+        renumbered = [dataclasses.replace(t, index=i) for i, t in enumerate(kept)]
+        after = ", ".join(t.name for t in renumbered)
+        self._print(f"[launcher] {lost.name} failed again after a restart; left out: workers {before} -> {after}\n")
+        self.tasks = [t for t in self.tasks if t.task_type != "worker"] + renumbered
+        self.last_failed = None
+        self._restart_all()
+        return self._watch()
+
     def _watch(self):
-        deadline = time.monotonic() + self.timeout if self.timeout else None
+        if getattr(self, "_deadline", None) is None and self.timeout:
+            self._deadline = time.monotonic() + self.timeout  # one deadline for the whole run, restarts included
+        deadline = getattr(self, "_deadline", None)
         pending = {t.name for t in self.tasks if not t.is_server}
         by_name = {t.name: t for t in self.tasks}
         while pending:
@@ -256,7 +281,10 @@ class Supervisor:
                     del self.procs[name]
                     continue
                 code = exit_code_of(returncode) or 1  # a server that exits, even with 0, is a failure
+                if self.min_workers and name == self.last_failed and code != EXIT_USAGE:
+                    return self._leave_out(task)
                 if self.restart_policy(task, code, self.restarts):
+                    self.last_failed = name
                     self.restarts += 1
                     self._print(f"[launcher] {name} exited with {code}; restarting all tasks (restart {self.restarts})\n")
                     self._restart_all()
@@ -278,7 +306,8 @@ def serve():
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="tfpar-launch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s --workers N [--ps M] [--port-base P] [--timeout S] [--restarts K] [--tf_log_level L] -- COMMAND...")
+                                     usage="%(prog)s --workers N [--ps M] [--port-base P] [--timeout S] [--restarts K [--min_workers K]] "
+                                           "[--tf_log_level L] -- COMMAND...")
     parser.add_argument("--workers", type=int, default=2, help="worker tasks (default 2)")
     parser.add_argument("--ps", type=int, default=0, help="parameter-server tasks; adds a chief that runs COMMAND")
     parser.add_argument("--port-base", type=int, default=None,
@@ -286,6 +315,9 @@ def parse_args(argv):
     parser.add_argument("--timeout", type=float, default=None, help="stop everything after S seconds (exit 124)")
     parser.add_argument("--restarts", type=int, default=0,
                         help="restart the whole cluster after a task fails, up to K times (default 0)")
+    parser.add_argument("--min_workers", type=int, default=None,
+                        help="with --restarts: leave out a worker that fails again right after the restart it "
+                             "caused, down to K workers (then exit 69); training resumes on the others")
     parser.add_argument("--servers", default="builtin", choices=("builtin", "command"),
                         help="with --ps: what worker and ps tasks run (default: a built-in tf.distribute.Server)")
     parser.add_argument("--tf_log_level", type=int, default=None, choices=quiet.LEVELS,
@@ -300,6 +332,12 @@ def parse_args(argv):
         parser.error(f"--timeout must be positive, got {args.timeout:g}")
     if args.restarts < 0:
         parser.error(f"--restarts must be 0 or more, got {args.restarts}")
+    if args.min_workers is not None:
+        if not 1 <= args.min_workers <= args.workers:
+            parser.error(f"--min_workers must be between 1 and --workers ({args.workers}), got {args.min_workers}")
+        if args.ps or not args.restarts:
+            parser.error("--min_workers needs --restarts of at least 1 and no --ps (a worker is left out when it "
+                         "fails again after a restart)")
     return parser, args
 
 
@@ -314,7 +352,8 @@ def main(argv=None):
         parser.error(str(err))
     policy = restart_up_to(args.restarts) if args.restarts else never_restart
     supervisor = Supervisor(tasks, timeout=args.timeout, restart_policy=policy,
-                            fresh_ports=args.port_base is None, tf_log_level=args.tf_log_level)
+                            fresh_ports=args.port_base is None, tf_log_level=args.tf_log_level,
+                            min_workers=args.min_workers)
 
     def on_signal(signum, frame):
         for sig in (signal.SIGINT, signal.SIGTERM):  # one stop is enough; stop_all escalates itself

@@ -103,6 +103,10 @@ class Hook:
         return contextlib.nullcontext()
 
     # -- summarize
+    def epochs_before(self):
+        """Epochs a resumed run had done before it started (summary.json's ``epochs_done`` counts them)."""
+        return 0
+
     def optimizer_updates(self, model):
         import keras
 

@@ -5,6 +5,7 @@ and watched (``tfpar.runtime.peers``), each worker reading its shard, and tfpar'
 installers after ``compile`` (all-reduce dtype, XLA, accumulation, buckets, worker timing).
 """
 
+import dataclasses
 import os
 
 from tfpar.run.hooks.base import Hook
@@ -19,14 +20,51 @@ class KerasFit(Hook):
         self.jit = False
         self.timing = None  # the stragglers.WorkerTimes callback, or None
         self.reduce_dtype = self.bucket_mb = None
+        self._batch = None  # the global batch once planned
+        self.elastic_line = None  # "resuming epoch ... on M workers (backup written by N) ..."
 
     def connect(self):
-        from tfpar.runtime import backup
+        from tfpar.runtime import backup, elastic
 
         # Refuse a foreign or damaged backup before anything is written.
-        self.backup = backup.for_run(self.config, self.info, print_fn=self.print_fn)
+        self.backup = backup.for_run(self.config, self.info, print_fn=self.print_fn,
+                                     family=elastic.family(self.config.strategy))
         self.strategy = self._make_strategy()
         self.replicas = self.strategy.num_replicas_in_sync
+
+    def global_batch(self):
+        """The global batch of one micro-batch; a backup's examples per update are kept (``tfpar.runtime.elastic``).
+
+        When the update has to be cut up otherwise than the config says (a resume on
+        another worker count, ``max_per_replica_batch``), ``self.config`` becomes a
+        copy with that batch and accumulation, which the rest of the run reads.
+        """
+        if self._batch is None:
+            self._batch = self._plan_batch()
+        return self._batch
+
+    def _plan_batch(self):
+        from tfpar.runtime import elastic
+
+        config, backup = self.config, self.backup
+        theirs = backup.resumed_update() if backup is not None else None
+        if elastic.family(config.strategy) not in elastic.ELASTIC or not (theirs or config.max_per_replica_batch):
+            batch = super().global_batch()
+        else:
+            update = theirs
+            if not theirs or config.allow_batch_change:
+                update = config.global_batch_size(self.replicas) * config.grad_accum_steps
+            batch, accum = elastic.plan_batch(update, self.replicas, config.max_per_replica_batch,
+                                              config.grad_accum_steps if update % config.grad_accum_steps == 0 else 1)
+            self.config = dataclasses.replace(config, batch_size=batch, per_replica_batch_size=None,
+                                              grad_accum_steps=accum)
+        if backup is not None:
+            backup.examples_per_update = batch * self.config.grad_accum_steps
+            resume = backup.resume
+            if resume is not None and resume.num_workers not in (None, self.info.num_workers):
+                self.elastic_line = elastic.resume_line(resume, self.info.num_workers, batch,
+                                                        self.config.grad_accum_steps)
+        return batch
 
     def _make_strategy(self):
         from tfpar.runtime import peers, strategies
@@ -40,10 +78,10 @@ class KerasFit(Hook):
 
     def reading(self):
         readers = self._readers()
-        resume_step = self.backup.resume.step if self.backup is not None and self.backup.resume is not None else 0
+        skip = self.backup.examples_before() if self.backup is not None else 0
         return dict(num_workers=readers, worker_index=self.info.task_index if readers > 1 else 0,
                     micro_batches=self.config.grad_accum_steps,
-                    skip_batches=resume_step)  # resumes at the backup's exact example
+                    skip_examples=skip)  # resumes at the backup's exact example
 
     def _resolve_jit(self):
         from tfpar.step import xla
@@ -124,13 +162,23 @@ class KerasFit(Hook):
         summed = f", gradients summed in {self.reduce_dtype}" if self.replicas > 1 else ""
         summed += f" in {self.bucket_mb:g} MiB buckets" if summed and self.bucket_mb else ""
         micro = f" x {accum} micro-batches per update" if accum > 1 else ""
-        return [f"{self.name()}: global batch {global_batch}{micro}{summed}, precision {policy}, "
+        return [self.elastic_line] * bool(self.elastic_line) + [f"{self.name()}: global batch {global_batch}{micro}{summed}, precision {policy}, "
                 f"peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch"]
 
     def guard(self):
         from tfpar.runtime import peers
 
         return peers.stay(self.info, self.config.cluster_timeout)  # a peer lost mid-run: one line, exit 69
+
+    def epochs_before(self):
+        resumed = self.backup.resumed if self.backup is not None else None
+        return resumed["epoch"] if resumed else 0
+
+    def _examples_seen(self):
+        """Examples trained in the whole run, resumed ones once: one update's examples per step."""
+        if self.backup is not None:
+            return self.backup.examples()
+        return sum(epoch["steps"] for epoch in self.throughput.epochs) * self.global_batch() * self.config.grad_accum_steps
 
     def summary(self, model, history, pipes):
         from tfpar.step import xla
@@ -143,6 +191,7 @@ class KerasFit(Hook):
             "jit_compile": self.jit,
             "xla_steps": xla.state(model),
             "resumed_from": self.backup.resumed if self.backup is not None else None,
+            "examples_seen": self._examples_seen(),
             "throughput": self.throughput.epochs,  # per epoch: examples_per_sec, step_time_ms, steps
             **({"worker_times": self.timing.report()} if self.timing is not None else {}),
         }

@@ -1,0 +1,241 @@
+"""Elastic training: a backup resumes on another number of workers with the same updates (tfpar.runtime.elastic).
+
+The slow tests train real worker processes under ``tfpar-launch`` with the
+tiny BN-free model of ``tests/elastic_worker.py``.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import reap as _reap
+from tfpar.core import backup_store as store
+from tfpar.runtime import elastic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = [sys.executable, os.path.join(ROOT, "tests", "elastic_worker.py")]
+LAUNCH = [sys.executable, "-m", "tfpar.launcher"]
+
+
+def _backup(num_workers=3, run=None, epoch=2, batch=1):
+    return store.Backup("/b/step-000000007", 7, epoch, batch, num_workers, {"model": "m"},
+                        {"family": "data_parallel", "examples_per_update": 48, "examples": 336} if run is None else run)
+
+
+# ------------------------------------------------------------------ fast: the rules
+
+
+def test_the_update_is_kept_and_cut_into_the_fewest_accumulation_steps():
+    assert elastic.plan_batch(48, 2) == (48, 1)
+    assert elastic.plan_batch(48, 3) == (48, 1)
+    assert elastic.plan_batch(48, 2, max_per_replica=12) == (24, 2)  # 2 micro-batches of 12 per replica
+    assert elastic.plan_batch(48, 1, max_per_replica=10) == (8, 6)  # 5 does not divide 48: 6 of 8
+    assert elastic.plan_batch(48, 2, accum=2) == (24, 2)  # the run's own accumulation is kept when it fits
+    with pytest.raises(ValueError, match=r"^48 examples per update cannot be split evenly over 5 replicas; resume on "
+                                         r"a number of replicas that divides 48\.$"):
+        elastic.plan_batch(48, 5)
+    assert elastic.plan_batch(48, 4, max_per_replica=5) == (16, 3)
+
+
+def test_a_data_parallel_backup_resumes_on_another_worker_count_but_not_a_parameter_server_one():
+    elastic.check(_backup(3), "/b", "data_parallel", 2)  # shrink: allowed
+    elastic.check(_backup(2), "/b", "data_parallel", 3)  # grow: allowed
+    elastic.check(_backup(3), "/b", "data_parallel", 3, wanted_update=48)
+    ps = _backup(3, {"family": "parameter_server", "examples_per_update": 48})
+    with pytest.raises(ValueError, match=r"^The backup in /b was written by 3 worker\(s\) but this cluster has 2, and "
+                                         r"only one_device, mirrored and multi_worker backups resume on another "
+                                         r"number of workers; restart with 3 workers"):
+        elastic.check(ps, "/b", "parameter_server", 2)
+    old = _backup(3, {})  # written before tfpar recorded the run: not elastic
+    with pytest.raises(ValueError, match="written by 3 worker"):
+        elastic.check(old, "/b", "data_parallel", 2)
+
+
+def test_another_family_or_global_batch_is_refused_in_one_sentence():
+    with pytest.raises(ValueError, match=r"^The backup in /b was written by a data_parallel run but this run is "
+                                         r"pipeline; use a new model_dir or backup_dir, or delete that backup to "
+                                         r"start over\.$"):
+        elastic.check(_backup(3), "/b", "pipeline", 3)
+    with pytest.raises(ValueError, match=r"^The backup in /b trained with 48 examples per update but this run asks "
+                                         r"for 64; resume with the same --batch_size and --grad_accum_steps, or pass "
+                                         r"--allow_batch_change to continue with the new batch\.$"):
+        elastic.check(_backup(3), "/b", "data_parallel", 2, wanted_update=64)
+    elastic.check(_backup(3), "/b", "data_parallel", 2, wanted_update=64, allow_batch_change=True)
+
+
+def test_the_resume_line_names_the_position_the_workers_and_the_batch():
+    assert elastic.resume_line(_backup(3), 2, 48, 1) == (
+        "resuming epoch 3 step 1 on 2 worker(s) (backup written by 3): global batch 48 kept as 24 per worker")
+    assert elastic.resume_line(_backup(3), 2, 24, 2) == (
+        "resuming epoch 3 step 1 on 2 worker(s) (backup written by 3): global batch 48 kept as "
+        "2 x 12 per worker (gradient accumulation)")
+
+
+def test_a_backup_records_what_an_elastic_resume_needs(tmp_path):
+    made = store.write(str(tmp_path), lambda prefix: open(prefix + ".index", "w").write("x"), step=7, epoch=2,
+                       batch=1, num_workers=3, signature={"model": "m"},
+                       run={"family": "data_parallel", "examples_per_update": 48, "examples": 336})
+    again = store.read(made.path)
+    assert again.run == {"family": "data_parallel", "examples_per_update": 48, "examples": 336}
+    assert again.num_workers == 3 and (again.epoch, again.batch, again.step) == (2, 1, 7)
+
+
+# ------------------------------------------------------------------ slow: real workers
+
+
+def _env(**extra):
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", **extra)
+
+
+def _run(argv, timeout, **env):
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env=_env(**env))
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        _reap(proc)
+    return proc.returncode, out
+
+
+def _launch(workers, record, kill_at, flags, *launcher_flags, timeout=300, **env):
+    return _run(LAUNCH + ["--workers", str(workers), "--timeout", str(timeout), *launcher_flags, "--",
+                          *WORKER, record, str(kill_at), "--", "--strategy=multi_worker", *flags], timeout + 30, **env)
+
+
+def _weights(model_dir, task=0):
+    with np.load(os.path.join(model_dir, f"weights.{task}.npz")) as z:
+        return [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def _summary(model_dir):
+    with open(os.path.join(model_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+DIGITS = ["--image_size=8", "--batch_size=48", "--steps_per_epoch=3", "--epochs=4", "--validation_steps=0",
+          "--learning_rate=2.0", "--lr_schedule=cosine", "--tensorboard=false", "--checkpoint_best=false",
+          "--verbose=0", "--backup_freq=2", "--cluster_timeout=60"]
+
+
+@pytest.mark.slow
+def test_3_workers_then_2_then_3_equal_one_uninterrupted_run(tmp_path):
+    """Killed after epoch 2 on 3 workers, mid-epoch 3 on 2 (a shrink), finished on 3 (a grow): the weights of a
+    run that was never stopped, to 1e-5, and every example counted once."""
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    code, out = _run(WORKER + ["-", "0", "--", "--strategy=one_device", *DIGITS, f"--model_dir={ref_dir}"], 240)
+    assert code == 0, out[-3000:]
+    flags = [*DIGITS, f"--model_dir={run_dir}"]
+    code, out = _launch(3, "-", 7, flags)  # dies in step 7 (epoch 3); the backup of step 6 ends epoch 2
+    assert code == 128 + signal.SIGKILL, out[-3000:]
+    code, out = _launch(2, "-", 4, flags)  # resumes at step 6 on 2 workers; dies in step 10, backup at 8
+    assert code == 128 + signal.SIGKILL, out[-3000:]
+    assert ("resuming epoch 3 step 0 on 2 worker(s) (backup written by 3): global batch 48 kept as 24 per worker"
+            in out), out[-3000:]
+    code, out = _launch(3, "-", 0, flags)  # resumes mid-epoch 3 (step 8) on 3 workers and finishes
+    assert code == 0, out[-3000:]
+    assert "resuming epoch 3 step 2 on 3 worker(s) (backup written by 2): global batch 48 kept as 16 per worker" in out
+    summary, ref = _summary(run_dir), _summary(ref_dir)
+    assert summary["resumed_from"] == {"epoch": 2, "batch": 2, "step": 8, "workers": 2,
+                                       "path": os.path.join(run_dir, "backup", "step-000000008")}
+    assert summary["optimizer_updates"] == ref["optimizer_updates"] == 12
+    assert summary["epochs_done"] == ref["epochs_done"] == 4
+    assert summary["examples_seen"] == ref["examples_seen"] == 12 * 48
+    for got, want in zip(_weights(run_dir), _weights(ref_dir), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(_weights(ref_dir)[-1], 0)
+
+
+@pytest.mark.slow
+def test_a_worker_gone_for_good_is_left_out_and_every_folder_example_is_trained_once_per_epoch(tmp_path):
+    """--min_workers: worker 1 is killed mid-epoch 2, then fails at every start; the launcher restarts the
+    cluster without it, the run resumes on 1 worker, and each epoch trains each of the 24 images exactly once."""
+    from test_fault_tolerance import _write_source
+
+    spec = _write_source(tmp_path / "data", "folder")
+    record, model_dir = str(tmp_path / "ids"), str(tmp_path / "run")
+    flags = ["--image_size=12", "--num_classes=4", f"--data={spec}", "--batch_size=8", "--epochs=3",
+             "--validation_steps=0", "--tensorboard=false", "--checkpoint_best=false", "--backup_freq=2",
+             "--verbose=0", "--cluster_timeout=60", f"--model_dir={model_dir}"]  # 24 / 8 = 3 steps per epoch
+    code, out = _launch(2, record, 5, flags, "--restarts", "1", "--min_workers", "1",
+                        TFPAR_TEST_KILL_WORKER="1", TFPAR_TEST_FAIL_AT_START=f"1/2:{record}.killed")
+    assert code == 0, out[-4000:]
+    assert "[launcher] worker-1 exited with 137; restarting all tasks (restart 1)" in out
+    assert "[launcher] worker-1 failed again after a restart; left out: workers worker-0, worker-1 -> worker-0" in out
+    summary = _summary(model_dir)
+    resumed = summary["resumed_from"]
+    assert resumed["workers"] == 2 and summary["num_workers"] == 1 and resumed["step"] in (2, 4), resumed
+    line = (f"resuming epoch {resumed['epoch'] + 1} step {resumed['batch']} on 1 worker(s) (backup written by 2): "
+            f"global batch 8 kept as 8 per worker")
+    assert line in out, out[-4000:]
+    assert summary["epochs_done"] == 3 and summary["examples_seen"] == 9 * 8 and summary["optimizer_updates"] == 9
+
+    def lines(name):
+        return [[int(v) for v in row.split()] for row in open(f"{record}.{name}").read().splitlines()]
+
+    two = [a + b for a, b in zip(lines("2.0"), lines("2.1"))][:resumed["step"]]  # global steps before the backup
+    trained = two + lines("1.0")
+    assert len(trained) == 9, [len(two), len(lines("1.0"))]
+    for epoch in range(3):
+        assert sorted(v for step in trained[3 * epoch:3 * epoch + 3] for v in step) == list(range(1, 25)), epoch
+
+
+def test_the_training_stream_is_one_for_every_worker_count(tmp_path):
+    """Digits and folder streams: each epoch a permutation; a resume skips exactly; worker slices make the batch."""
+    import tensorflow as tf
+
+    from tfpar.run import data
+    from tfpar.run.config import TrainConfig
+
+    table = (np.arange(1, 25), np.arange(1, 25) % 4)
+    whole = [int(v) for v, _ in data._shuffled(table, 3, 0).take(72)]
+    for epoch in range(3):
+        assert sorted(whole[24 * epoch:24 * epoch + 24]) == list(range(1, 25))
+    assert whole[:24] != whole[24:48]  # each epoch in its own order
+    assert [int(v) for v, _ in data._shuffled(table, 3, 20).take(30)] == whole[20:50]  # a resume skips exactly
+    ds = tf.data.Dataset.from_tensor_slices(np.arange(24))
+    parts = [[int(v) for v in data._worker_slice(ds, 6, 3, i)] for i in range(3)]
+    assert [parts[0][2 * k:2 * k + 2] + parts[1][2 * k:2 * k + 2] + parts[2][2 * k:2 * k + 2] for k in range(4)] == [
+        list(range(6 * k, 6 * k + 6)) for k in range(4)]  # step k of 3 workers = global batch k
+    with pytest.raises(ValueError, match=r"^A batch of 8 does not split evenly over 3 workers; use a multiple of 3\.$"):
+        data._worker_slice(ds, 8, 3, 0)
+    cfg = TrainConfig(image_size=8, batch_size=12, steps_per_epoch=2)
+    one = next(iter(data.make(cfg, 12, skip_examples=36).train))[1].numpy().tolist()
+    assert one == next(iter(data.make(cfg, 4, micro_batches=3, skip_batches=3).train))[1].numpy().tolist()
+
+
+GONE = """
+import json, os, sys, time
+task = json.loads(os.environ["TF_CONFIG"])
+index, size = task["task"]["index"], len(task["cluster"]["worker"])
+if (index, size) == (2, 3):
+    sys.exit(1)  # its host is gone: it fails at every start
+time.sleep(30 if size == 3 else 0)  # the others wait for it, or finish on a smaller cluster
+"""
+
+
+@pytest.mark.parametrize("minimum, code", [(2, 0), (3, 69)])
+def test_min_workers_leaves_out_a_worker_that_fails_again_after_its_restart(minimum, code):
+    got, out = _run(LAUNCH + ["--workers", "3", "--restarts", "1", "--min_workers", str(minimum), "--timeout", "60",
+                              "--", sys.executable, "-c", GONE], 90)
+    assert got == code, out
+    assert "[launcher] worker-2 exited with 1; restarting all tasks (restart 1)" in out
+    if code == 0:
+        assert "[launcher] worker-2 failed again after a restart; left out: workers worker-0, worker-1, worker-2 -> " \
+               "worker-0, worker-1\n" in out
+    else:
+        assert "[launcher] worker-2 failed again after a restart; 2 worker(s) would be below --min_workers 3; " \
+               "lost: worker-2; stopping all tasks\n" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "2", "--restarts", "1", "--min_workers", "3"], "--min_workers must be between 1 and --workers (2), got 3"),
+    (["--workers", "2", "--min_workers", "1"], "--min_workers needs --restarts of at least 1 and no --ps"),
+])
+def test_min_workers_mistakes_are_one_sentence_and_exit_2(flags, message):
+    got, out = _run(LAUNCH + flags + ["--", "true"], 60)
+    assert got == 2 and f"tfpar-launch: error: {message}" in out, out
