@@ -239,3 +239,29 @@ def test_min_workers_leaves_out_a_worker_that_fails_again_after_its_restart(mini
 def test_min_workers_mistakes_are_one_sentence_and_exit_2(flags, message):
     got, out = _run(LAUNCH + flags + ["--", "true"], 60)
     assert got == 2 and f"tfpar-launch: error: {message}" in out, out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(batch_size=32), "The backup in {b} trained with 48 examples per update but this run asks for 32; resume "
+                          "with the same --batch_size and --grad_accum_steps, or pass --allow_batch_change to "
+                          "continue with the new batch."),
+    (dict(strategy="pipeline", batch_size=48, micro_batches=4),
+     "The backup in {b} was written by a data_parallel run but this run is pipeline; use a new model_dir or "
+     "backup_dir, or delete that backup to start over."),
+])
+def test_an_incompatible_backup_is_refused_before_anything_is_written(tmp_path, flags, message):
+    from tfpar.run import driver
+    from tfpar.run.config import TrainConfig
+    from tfpar.runtime import backup
+
+    config = TrainConfig(model="resnet18", image_size=8, steps_per_epoch=2, epochs=1, tensorboard=False,
+                         model_dir=str(tmp_path / "run"), **flags)
+    backup_dir = tmp_path / "run" / "backup"
+    store.write(str(backup_dir), lambda prefix: open(prefix + ".index", "w").write("x"), step=3, epoch=1, batch=1,
+                num_workers=3, signature=backup.signature(config),
+                run={"family": "data_parallel", "examples_per_update": 48, "examples": 144})
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError) as err:
+        driver.run(config, print_fn=None)
+    assert str(err.value) == message.format(b=backup_dir)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
