@@ -105,6 +105,10 @@ def measure(case):
     if case.get("ps") and json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {}).get("type") != "chief":
         _serve_until_done(case)  # a pinned worker or ps server of an asynchronous case; prints no result
     kind = case["kind"]
+    if kind == "elastic":  # a whole tfpar-launch run that shrinks from 2 workers to 1 (scripts/bench_elastic.py)
+        import bench_elastic
+
+        return bench_elastic.measure(case)
     if kind == "tfpar":
         return _measure_tfpar(case)
     return _measure_plain(case, tf_keras=(kind == "tf_keras"))
@@ -396,6 +400,10 @@ def suites(name):
         "stragglers": stragglers_cases(base, quick),
         "precision": [dict(r50, name="resnet50 float32", kind="tfpar"),
                       dict(r50, name="resnet50 mixed_bfloat16", kind="tfpar", precision="mixed_bfloat16")],
+        # 2 workers, worker 1 killed for good at step 12: images/sec after the shrink to 1 worker (before it and
+        # the seconds lost in the case's fields).
+        "elastic": [dict(r18, name="resnet18/4 2 workers -> 1 after a shrink", kind="elastic", batch=32,
+                         epochs=4, steps=6, kill_at=12, backup_every=4, train_options={"width_multiplier": 0.25})],
         "xla": [dict(r18, name="resnet18 mirrored x2, jit off", kind="tfpar", strategy="mirrored", virtual_cpus=2,
                      jit_compile="off", windows=2),
                 dict(r18, name="resnet18 mirrored x2, jit on", kind="tfpar", strategy="mirrored", virtual_cpus=2,

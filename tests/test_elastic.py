@@ -265,3 +265,17 @@ def test_an_incompatible_backup_is_refused_before_anything_is_written(tmp_path, 
         driver.run(config, print_fn=None)
     assert str(err.value) == message.format(b=backup_dir)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_worker_that_takes_no_connection_is_named_lost():
+    import socket
+
+    from tfpar.runtime import cluster, launcher, peers
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        closed = launcher.free_ports(1)[0]
+        info = cluster.ClusterInfo(task_type="chief", cluster_spec={
+            "chief": ["127.0.0.1:1"], "worker": [f"127.0.0.1:{listening.getsockname()[1]}", f"127.0.0.1:{closed}"]})
+        assert peers.unanswered(info) == ["worker-1"]

@@ -181,6 +181,7 @@ def test_killed_worker_is_survived_and_shards_spread_over_ps_tasks(local_cluster
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps_done"] == 80 and summary["epochs_done"] == 4, out[-4000:]
     assert c.procs["worker-0"].poll() is None and c.procs["worker-1"].poll() is not None
+    assert summary["workers_lost"] == ["worker-1"] and out.count("worker-1 is lost; training goes on with 1 worker(s)") == 1
     # Two ps tasks: one shard of each big kernel on each, by default (num_ps_shards = number of ps).
     assert sorted(d.split("/")[1] + d.split("/")[3] for d in summary["variable_placement"]["fc6/kernel"]) == [
         "job:pstask:0", "job:pstask:1"]

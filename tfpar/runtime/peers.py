@@ -245,3 +245,21 @@ def stay(info, seconds, heartbeat=None):
     if not _in_cluster(info):
         return contextlib.nullcontext()
     return _collectives_stay(info, seconds)
+
+
+def unanswered(info, task_type="worker", seconds=1.0):
+    """The ``task_type`` tasks of ``info``'s cluster whose address takes no TCP connection now, by name.
+
+    For a cluster that survives a lost peer (parameter servers): what it is
+    training without. A refused or timed-out connect counts; no TensorFlow.
+    """
+    import socket
+
+    lost = []
+    for index, address in enumerate(info.cluster_spec.get(task_type, [])):
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=seconds).close()
+        except (OSError, ValueError):
+            lost.append(f"{task_type}-{index}")
+    return lost

@@ -61,7 +61,8 @@ class ParameterServer(Hook):
         config = self.config
         self.timer = ps_fit.timed_epochs()
         self.saver = parameter_server.checkpoints(os.path.join(config.model_dir, "checkpoints"))
-        cbs = [self.saver, self.timer]
+        self.watch = _workers_watch(self.info, self.print_fn)
+        cbs = [self.saver, self.timer, self.watch]
         if config.tensorboard:
             cbs.append(keras.callbacks.TensorBoard(log_dir=config.model_dir))
         if self.print_fn and config.verbose != 0:
@@ -96,4 +97,37 @@ class ParameterServer(Hook):
             "epoch_examples_per_sec": rates,
             "staleness": ps_fit.mean_staleness(model),  # updates between a gradient's weights and its own update
             "variable_placement": parameter_server.variable_placement(model),
+            "workers_lost": self.watch.lost,  # workers that took no connection at the end: trained without
         }
+
+
+def _workers_watch(info, print_fn):
+    """A callback that looks for lost workers after each epoch and at the end (``peers.unanswered``).
+
+    The coordinator survives a lost worker by running its steps on the others; this makes
+    the loss visible: one line per worker newly lost, and ``lost``, those still
+    unreachable when training ended.
+    """
+    import keras
+
+    from tfpar.runtime import peers
+
+    workers = len(info.cluster_spec.get("worker", []))
+
+    class WorkersWatch(keras.callbacks.Callback):
+        lost, said = [], set()
+
+        def _look(self):
+            self.lost = peers.unanswered(info)
+            for name in self.lost:
+                if name not in self.said and print_fn:
+                    print_fn(f"{name} is lost; training goes on with {workers - len(self.lost)} worker(s)")
+                self.said = self.said | {name}
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._look()
+
+        def on_train_end(self, logs=None):
+            self._look()
+
+    return WorkersWatch()
