@@ -55,12 +55,13 @@ def worker_config(config):
 def check_before_ray(config, num_workers):
     """The user errors a worker would find (data, model_dir, a foreign backup), found before Ray starts:
     one sentence (exit 2) instead of a worker traceback that Ray retries ``max_failures`` times."""
-    from tfpar.runtime import backup, cluster
+    from tfpar.runtime import backup, cluster, elastic
     from tfpar.run import data, driver as train
 
     data.inspect(config.data, config.num_classes, config.seed)
     train.check_model_dir(config)
-    backup.for_run(config, cluster.ClusterInfo(num_workers=num_workers, source="explicit"), print_fn=None)
+    backup.for_run(config, cluster.ClusterInfo(num_workers=num_workers, source="explicit"), print_fn=None,
+                   family=elastic.family(config.strategy))  # as the workers will: another worker count may resume
 
 
 def backup_dir_of(config):
