@@ -279,3 +279,13 @@ def test_a_worker_that_takes_no_connection_is_named_lost():
         info = cluster.ClusterInfo(task_type="chief", cluster_spec={
             "chief": ["127.0.0.1:1"], "worker": [f"127.0.0.1:{listening.getsockname()[1]}", f"127.0.0.1:{closed}"]})
         assert peers.unanswered(info) == ["worker-1"]
+
+
+def test_ray_takes_a_worker_count_or_an_elastic_min_max():
+    from tfpar.run import ray as tfpar_ray
+
+    assert tfpar_ray.max_workers(3) == 3 and tfpar_ray.max_workers((2, 4)) == 4
+    for bad in (0, (3, 2), (0, 2), (1, 2, 3), True, "2:3"):
+        with pytest.raises(ValueError, match=r"^--workers must be a positive integer, or \(min, max\) with "
+                                             r"1 <= min <= max, with --launcher=ray; got "):
+            tfpar_ray.max_workers(bad)

@@ -132,6 +132,20 @@ def train_loop_per_worker(loop_config):
     train.run(config, print_fn=print_fn, callbacks=callbacks)
 
 
+def max_workers(num_workers):
+    """The most workers ``num_workers`` (a count, or Ray's elastic ``(min, max)``) may start; one sentence if bad."""
+    def positive(n):
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+    if positive(num_workers):
+        return num_workers
+    if isinstance(num_workers, tuple) and len(num_workers) == 2 and all(map(positive, num_workers)) \
+            and num_workers[0] <= num_workers[1]:
+        return num_workers[1]
+    raise ValueError(f"--workers must be a positive integer, or (min, max) with 1 <= min <= max, with "
+                     f"--launcher=ray; got {num_workers!r}.")
+
+
 def train(config, num_workers=2, use_gpu=False, max_failures=3, storage_path=None, name=None, callbacks=()):
     """Train ``config`` (a ``TrainConfig`` or dict of its fields) with ``num_workers`` Ray Train workers.
 
@@ -141,15 +155,18 @@ def train(config, num_workers=2, use_gpu=False, max_failures=3, storage_path=Non
     ``storage_path`` is where Ray keeps its copy of the checkpoints (default
     ``model_dir/ray``; shared storage in a multi-node cluster, like
     ``model_dir``). ``callbacks`` are extra Keras callbacks run in every
-    worker. Returns the chief's summary (``model_dir/summary.json``) with
+    worker. ``num_workers=(min, max)``: Ray Train's elastic scaling (Ray Train
+    v2): Ray starts as many workers as it can place, at least ``min``, and
+    restarts the group at another size when that changes; each start resumes
+    the newest backup on the workers it has (``tfpar.runtime.elastic``).
+    Returns the chief's summary (``model_dir/summary.json``) with
     ``ray_checkpoint``, the path of Ray's last checkpoint, and ``ray_metrics``,
     the last metrics reported to Ray.
     """
+    most = max_workers(num_workers)
     ray, ray_train, TensorflowTrainer = _ray()
-    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 1:
-        raise ValueError(f"--workers must be a positive integer with --launcher=ray, got {num_workers!r}.")
     wconfig = worker_config(config)
-    check_before_ray(wconfig, num_workers)
+    check_before_ray(wconfig, most)
     started = not ray.is_initialized()
     if started:  # the cluster in RAY_ADDRESS, else a local one on loopback for this run
         ray.init(**({} if os.environ.get("RAY_ADDRESS") else
