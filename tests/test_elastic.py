@@ -289,3 +289,16 @@ def test_ray_takes_a_worker_count_or_an_elastic_min_max():
         with pytest.raises(ValueError, match=r"^--workers must be a positive integer, or \(min, max\) with "
                                              r"1 <= min <= max, with --launcher=ray; got "):
             tfpar_ray.max_workers(bad)
+
+
+def test_tfpar_train_takes_workers_min_max_for_ray():
+    from tfpar.run import cli
+    from tfpar.run.config import TrainConfig
+
+    assert cli.config_from_flags(["tfpar-train", "--launcher=ray", "--workers=2:4"]).worker_counts() == (2, 4)
+    assert cli.config_from_flags(["tfpar-train", "--launcher=ray", "--workers=3"]).worker_counts() == 3
+    assert TrainConfig(launcher="ray", workers=2).validate().worker_counts() == 2
+    for bad in ("3:2", "0", "2:", "x", 0):
+        with pytest.raises(ValueError, match=r"^workers must be a positive integer, or MIN:MAX with 1 <= MIN <= MAX, "
+                                             r"with launcher=ray; got "):
+            TrainConfig(launcher="ray", workers=bad).validate()

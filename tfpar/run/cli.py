@@ -108,7 +108,8 @@ _HELP = {
     "launcher": "'' (this process is one task of the cluster) or ray: run --workers Ray Train workers "
                 "(TensorflowTrainer, Keras 3) on the Ray cluster in RAY_ADDRESS or a local one (pip install "
                 "\"tfpar[ray]\"; docs/ray.md).",
-    "workers": "With --launcher=ray: the number of Ray Train workers.",
+    "workers": "With --launcher=ray: the number of Ray Train workers, or MIN:MAX for Ray Train's elastic scaling "
+               "(a backup resumes on however many workers Ray starts, with the same global batch).",
     "use_gpu": "With --launcher=ray: one GPU per Ray Train worker.",
 }
 # Flags of the command, not of the training run (no TrainConfig field).
@@ -133,7 +134,7 @@ def _define_flags():
             flags.DEFINE_boolean(field.name, default, help_text, flag_values=FLAGS)
         elif kind == "float":
             flags.DEFINE_float(field.name, default, help_text, flag_values=FLAGS)
-        elif "int" in kind:
+        elif "int" in kind and "str" not in kind:
             flags.DEFINE_integer(field.name, default, help_text, flag_values=FLAGS)
         else:
             flags.DEFINE_string(field.name, default, help_text, flag_values=FLAGS)
@@ -217,7 +218,7 @@ def main(argv=None):
         if config.launcher == "ray":
             from tfpar.run import ray as tfpar_ray
 
-            summary = tfpar_ray.train(config, num_workers=config.workers, use_gpu=config.use_gpu)
+            summary = tfpar_ray.train(config, num_workers=config.worker_counts(), use_gpu=config.use_gpu)
         else:
             summary = train.run(config)
     except ValueError as err:

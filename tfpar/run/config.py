@@ -77,7 +77,7 @@ class TrainConfig:
     allow_batch_change: bool = False  # resume a backup with another global batch
     # engines (tfpar.ray)
     launcher: str = ""  # "" (this process is one task) or "ray"
-    workers: int = 2  # with launcher=ray: Ray Train workers
+    workers: int | str = "2"  # with launcher=ray: Ray Train workers, N or "MIN:MAX" (Ray's elastic scaling)
     use_gpu: bool = False  # with launcher=ray: one GPU per worker
 
     def validate(self):
@@ -154,12 +154,24 @@ class TrainConfig:
             self._validate_dtensor()
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"launcher must be one of: {', '.join(repr(n) for n in LAUNCHERS)}; got {self.launcher!r}.")
-        if self.launcher and (not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1):
-            raise ValueError(f"workers must be a positive integer with launcher={self.launcher}, got {self.workers!r}.")
+        if self.launcher:
+            self.worker_counts()
         if self.strategy == "pipeline":
             self._validate_pipeline()
         self._validate_balance()
         return self
+
+    def worker_counts(self):
+        """``workers`` as Ray Train takes it: N, or (MIN, MAX) from "MIN:MAX" (elastic)."""
+        value, counts = self.workers, None
+        if isinstance(value, int) and not isinstance(value, bool):
+            counts = [value]
+        elif isinstance(value, str) and re.fullmatch(r"\d+(:\d+)?", value.strip()):
+            counts = [int(v) for v in value.strip().split(":")]
+        if not counts or counts[0] < 1 or counts[0] > counts[-1]:
+            raise ValueError(f"workers must be a positive integer, or MIN:MAX with 1 <= MIN <= MAX, with "
+                             f"launcher={self.launcher}; got {value!r}.")
+        return counts[0] if len(counts) == 1 else tuple(counts)
 
     def _validate_balance(self):
         if not isinstance(self.balance_every, int) or isinstance(self.balance_every, bool) or self.balance_every < 1:
