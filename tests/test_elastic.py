@@ -302,3 +302,4 @@ def test_tfpar_train_takes_workers_min_max_for_ray():
         with pytest.raises(ValueError, match=r"^workers must be a positive integer, or MIN:MAX with 1 <= MIN <= MAX, "
                                              r"with launcher=ray; got "):
             TrainConfig(launcher="ray", workers=bad).validate()
+

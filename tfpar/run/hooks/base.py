@@ -122,8 +122,10 @@ class Hook:
 
         ``history`` is ``fit``'s ``History.history`` dict.
         """
+        steps = sum(epoch["steps"] for epoch in self.throughput.epochs)
         return {
             "jit_compile": False,
-            "steps_done": sum(epoch["steps"] for epoch in self.throughput.epochs),
+            "steps_done": steps,
             "examples_per_sec": self.throughput.median_examples_per_sec(),
+            "examples_seen": steps * self.global_batch(),  # this run's; KerasFit counts a resumed run's too
         }

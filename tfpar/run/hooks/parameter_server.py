@@ -92,6 +92,7 @@ class ParameterServer(Hook):
             "initial_epoch": self.saver.initial_epoch,
             "epochs_done": self.saver.initial_epoch + len(history.get("loss", [])),
             "steps_done": steps_done,
+            "examples_seen": steps_done * batch,  # steps counted on the coordinator, resumed ones included
             "loss_history": [float(v) for v in history.get("loss", [])],
             "examples_per_sec": float(np.median(rates)) if rates else None,
             "epoch_examples_per_sec": rates,
