@@ -233,7 +233,8 @@ def test_min_workers_leaves_out_a_worker_that_fails_again_after_its_restart(mini
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--workers", "2", "--restarts", "1", "--min_workers", "3"], "--min_workers must be between 1 and --workers (2), got 3"),
+    (["--workers", "2", "--restarts", "1", "--min_workers", "3"],
+     "--min_workers must be between 1 and --workers (2), got 3"),
     (["--workers", "2", "--min_workers", "1"], "--min_workers needs --restarts of at least 1 and no --ps"),
 ])
 def test_min_workers_mistakes_are_one_sentence_and_exit_2(flags, message):

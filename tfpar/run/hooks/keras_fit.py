@@ -162,8 +162,9 @@ class KerasFit(Hook):
         summed = f", gradients summed in {self.reduce_dtype}" if self.replicas > 1 else ""
         summed += f" in {self.bucket_mb:g} MiB buckets" if summed and self.bucket_mb else ""
         micro = f" x {accum} micro-batches per update" if accum > 1 else ""
-        return [self.elastic_line] * bool(self.elastic_line) + [f"{self.name()}: global batch {global_batch}{micro}{summed}, precision {policy}, "
-                f"peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch"]
+        first = [self.elastic_line] if self.elastic_line else []  # a resume on another worker count
+        return first + [f"{self.name()}: global batch {global_batch}{micro}{summed}, precision {policy}, "
+                        f"peak learning rate {peak:.4g}, {pipes.steps_per_epoch} steps/epoch"]
 
     def guard(self):
         from tfpar.runtime import peers
@@ -178,7 +179,8 @@ class KerasFit(Hook):
         """Examples trained in the whole run, resumed ones once: one update's examples per step."""
         if self.backup is not None:
             return self.backup.examples()
-        return sum(epoch["steps"] for epoch in self.throughput.epochs) * self.global_batch() * self.config.grad_accum_steps
+        steps = sum(epoch["steps"] for epoch in self.throughput.epochs)
+        return steps * self.global_batch() * self.config.grad_accum_steps
 
     def summary(self, model, history, pipes):
         from tfpar.step import xla
