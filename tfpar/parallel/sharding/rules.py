@@ -41,6 +41,18 @@ DEFAULT_RULES = {
         _CONV,
     ],
     "resnet": [*_CLASSIFIER, _CONV],
+    # ViT, as Megatron-LM splits a transformer block: query, key and value by
+    # heads and the attention output by rows (its heads), one all-reduce;
+    # the MLP's first dense by columns, the second by rows, one all-reduce.
+    "vit": [
+        (r"attention/(query|key|value)/kernel$", (None, "model", None)),
+        (r"attention/(query|key|value)/bias$", ("model", None)),
+        (r"attention/attention_output/kernel$", ("model", None, None)),
+        (r"(^|/)mlp1/kernel$", (None, "model")),
+        (r"(^|/)mlp1/bias$", ("model",)),
+        (r"(^|/)mlp2/kernel$", ("model", None)),
+        *_CLASSIFIER,
+    ],
 }
 
 
