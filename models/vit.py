@@ -153,6 +153,7 @@ def vit(
     attention_dropout=0.0,
     weight_decay=0.0,
     width_multiplier=1.0,
+    blocks=None,
     classifier_activation="softmax",
     name=None,
 ):
@@ -174,6 +175,8 @@ def vit(
       weight_decay: L2 factor on kernels.
       width_multiplier: scales the head width (64), and with it the model
         width and MLP; the number of heads and blocks stays.
+      blocks: encoder blocks, default the size's (12, or 24 for L); fewer
+        make quick tests.
       classifier_activation: final activation (float32), or None for logits.
       name: model name, default ``vit_<size><patch_size>``.
     """
@@ -186,6 +189,10 @@ def vit(
         raise ValueError(f"attention_dropout must be in [0, 1), got {attention_dropout!r}.")
     input_shape = check_patches((224, 224, 3) if input_shape is None else input_shape, patch_size)
     _, depth, heads, _ = SIZES[size]
+    if blocks is not None:
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"blocks must be a positive integer, got {blocks!r}.")
+        depth = blocks
     head_width = L.scaled(HEAD_WIDTH, width_multiplier)
     width, mlp_width = heads * head_width, 4 * heads * head_width
     tokens = (input_shape[0] // patch_size) * (input_shape[1] // patch_size)
