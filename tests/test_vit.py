@@ -126,6 +126,15 @@ def test_default_rules_split_attention_by_heads_and_the_mlp_megatron_style():
     assert query["device_shape"] == (192, 3, 64) and "does not divide evenly" in query["note"]
 
 
+def test_keras_file_round_trip(tmp_path):
+    model = tiny("vit_ti16", blocks=1, dropout=0.1)
+    model.save(tmp_path / "vit.keras")
+    loaded = keras.models.load_model(tmp_path / "vit.keras")  # the blocks are registered serializables
+    x = np.random.RandomState(1).rand(2, 32, 32, 3).astype("float32")
+    np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
+    assert loaded.get_layer("encoder_block1").get_config()["dropout"] == 0.1
+
+
 def test_bad_options_are_one_sentence():
     with pytest.raises(ValueError, match=r"input_shape \(30, 30, 3\) does not divide into 4x4 patches"):
         models.build("vit_s16", input_shape=(30, 30, 3), patch_size=4)

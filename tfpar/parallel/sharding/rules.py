@@ -68,7 +68,7 @@ class DefaultRules(list):
 
 
 def default_rules(model_name):
-    """The default rules for a tfpar model name (``vgg16``, ``alexnet_bn``, ``resnet50``...)."""
+    """The default rules for a tfpar model name (``vgg16``, ``alexnet_bn``, ``resnet50``, ``vit_b16``...)."""
     for family, rules in DEFAULT_RULES.items():
         if model_name.startswith(family):
             return DefaultRules(rules)
