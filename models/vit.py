@@ -5,7 +5,7 @@ convolution; a learned class token and learned position embeddings are added;
 pre-LayerNorm encoder blocks (eps 1e-6, exact GELU MLP) follow, then a final
 LayerNorm and the head on the class token. Trainable parameters at 224 px, 16
 px patches and 1000 classes: vit_ti16 5,717,416, vit_s16 22,050,664, vit_b16
-86,567,656, vit_l16 304,326,632 (the paper's and timm's counts).
+86,567,656, vit_l16 304,326,632 (timm's exact counts; the paper rounds them, e.g. 86M).
 
 Every encoder block is one Keras layer with one tensor in and one out, so
 ``tfpar.pipeline.split`` cuts between blocks and never inside attention; the
