@@ -9,6 +9,7 @@ import inspect
 from tfpar.models.alexnet import alexnet
 from tfpar.models.resnet import resnet18, resnet34, resnet50, resnet101, resnet152
 from tfpar.models.vgg import vgg11, vgg13, vgg16, vgg19
+from tfpar.models.vit import vit_b16, vit_l16, vit_s16, vit_ti16
 
 _REGISTRY = {
     "alexnet": alexnet,
@@ -26,6 +27,10 @@ _REGISTRY = {
     "resnet50": resnet50,
     "resnet101": resnet101,
     "resnet152": resnet152,
+    "vit_ti16": vit_ti16,
+    "vit_s16": vit_s16,
+    "vit_b16": vit_b16,
+    "vit_l16": vit_l16,
 }
 _BASE = {name: name.removesuffix("_bn") for name in _REGISTRY}
 

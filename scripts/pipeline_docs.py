@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Make docs/pipeline.md's material: full-size stage tables and a GPipe-beside-1F1B timeline from real traces.
 
-    python scripts/pipeline_docs.py tables            # VGG16 and ResNet-50 (224 px, 1000 classes), markdown
+    python scripts/pipeline_docs.py tables            # VGG16, ResNet-50, ViT-B/16 (224 px, 1000 classes), markdown
     python scripts/pipeline_docs.py timeline [--out docs/pipeline_timeline.png]
 
 ``tables`` cuts the full-size models with ``balance="flops"`` and
-``"params"`` (``tfpar.pipeline.plan_stages``; nothing is trained). The
+``"params"`` (``tfpar.pipeline.plan_stages``; built in ``keras.StatelessScope``,
+so weights get shapes but no memory, and nothing is trained). The
 timeline trains a small ResNet-18 with ``tfpar-train --strategy=pipeline``
 on 2 logical CPUs, once per schedule, traces 2 steps, and draws the first
 (``tfpar.parallel.pipeline.timeline``). Needs matplotlib.
@@ -22,12 +23,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def tables(stages=4):
+    import keras
+
     from tfpar import models
     from tfpar.parallel import pipeline
 
     out = []
-    for name in ("vgg16", "resnet50"):
-        model = models.build(name, num_classes=1000, input_shape=(224, 224, 3))
+    for name in ("vgg16", "resnet50", "vit_b16"):
+        with keras.StatelessScope():  # shapes only: nothing is allocated
+            model = models.build(name, num_classes=1000, input_shape=(224, 224, 3))
         for kind in ("flops", "params"):
             _, counts, rows = pipeline.plan_stages(model, stages, balance=kind)
             most = max(r["flops_per_image"] for r in rows) / sum(r["flops_per_image"] for r in rows)

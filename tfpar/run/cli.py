@@ -23,6 +23,8 @@ _HELP = {
                    "folder = its class folders; ImageNet TFRecords store labels 1-1000, so use 1001).",
     "image_size": "Height and width the images are resized or cropped to.",
     "width_multiplier": "Scales every layer's width (0.125-0.25 for quick runs).",
+    "patch_size": "ViT only: side of the square patches (default 16; 4 suits 32 px images). Image size must be "
+                  "a multiple of it.",
     "bn_momentum": "BatchNormalization moving-statistics momentum (0.9 suits short runs).",
     "strategy": "auto, one_device, mirrored, multi_worker, tpu, parameter_server, dtensor or pipeline.",
     "virtual_cpus": "Split the CPU into this many logical devices (mirrored or dtensor on a laptop).",

@@ -22,6 +22,7 @@ class TrainConfig:
     num_classes: int = 10
     image_size: int = 32
     width_multiplier: float = 1.0
+    patch_size: int | None = None  # ViT only; None: the builder's 16
     bn_momentum: float = 0.9
     strategy: str = "auto"
     virtual_cpus: int | None = None
@@ -145,6 +146,7 @@ class TrainConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
         if not self.width_multiplier > 0:
             raise ValueError(f"width_multiplier must be positive, got {self.width_multiplier!r}.")
+        self._validate_patches()
         if self.verbose not in (None, 0, 1, 2):
             raise ValueError(f"verbose must be unset (auto), 0, 1 or 2, got {self.verbose!r}.")
         self.profile_range()
@@ -172,6 +174,22 @@ class TrainConfig:
             raise ValueError(f"workers must be a positive integer, or MIN:MAX with 1 <= MIN <= MAX, with "
                              f"launcher={self.launcher}; got {value!r}.")
         return counts[0] if len(counts) == 1 else tuple(counts)
+
+    def _validate_patches(self):
+        from tfpar import models
+
+        vit = "patch_size" in models.options(self.model)
+        if self.patch_size is not None and not vit:
+            raise ValueError(f"patch_size applies only to ViT models (vit_ti16, vit_s16, vit_b16, vit_l16); "
+                             f"{self.model} does not cut images into patches.")
+        if not vit:
+            return
+        patch = 16 if self.patch_size is None else self.patch_size
+        if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+            raise ValueError(f"patch_size must be a positive integer, got {patch!r}.")
+        if self.image_size % patch:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {patch}; "
+                             f"{self.model} cuts images into whole {patch}x{patch} patches.")
 
     def _validate_balance(self):
         if not isinstance(self.balance_every, int) or isinstance(self.balance_every, bool) or self.balance_every < 1:

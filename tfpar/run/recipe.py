@@ -45,12 +45,19 @@ def make_loss(config):
 
 
 def build_model(config):
-    """``config.model`` from the registry, L2 on kernels unless AdamW decays decoupled."""
+    """``config.model`` from the registry, L2 on kernels unless AdamW decays decoupled.
+
+    Settings a builder has no option for (``bn_momentum`` for ViT, which has
+    no BatchNormalization) are left out; ``patch_size`` is passed when given.
+    """
     from tfpar import models
 
-    return models.build(
-        config.model, num_classes=config.num_classes,
-        input_shape=(config.image_size, config.image_size, 3),
+    options = dict(
+        num_classes=config.num_classes, input_shape=(config.image_size, config.image_size, 3),
         width_multiplier=config.width_multiplier, bn_momentum=config.bn_momentum,
         weight_decay=config.weight_decay if config.optimizer != "adamw" else 0.0,
     )
+    if config.patch_size is not None:
+        options["patch_size"] = config.patch_size
+    accepted = models.options(config.model)
+    return models.build(config.model, **{k: v for k, v in options.items() if k in accepted})

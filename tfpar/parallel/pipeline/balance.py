@@ -63,6 +63,9 @@ def layer_flops(layer):
     """Forward multiply-adds x 2 per image of one layer (convolutions and dense exactly, others ~1 per output)."""
     import keras
 
+    own = getattr(layer, "flops_per_example", None)  # a block that counts itself (tfpar.models.vit.EncoderBlock)
+    if callable(own):
+        return int(own())
     out = layer.output.shape[1:]
     outputs = int(np.prod([d for d in out if d is not None])) if out else 1
     if isinstance(layer, keras.layers.Conv2D):

@@ -41,6 +41,18 @@ DEFAULT_RULES = {
         _CONV,
     ],
     "resnet": [*_CLASSIFIER, _CONV],
+    # ViT, as Megatron-LM splits a transformer block: query, key and value by
+    # heads and the attention output by rows (its heads), one all-reduce;
+    # the MLP's first dense by columns, the second by rows, one all-reduce.
+    "vit": [
+        (r"attention/(query|key|value)/kernel$", (None, "model", None)),
+        (r"attention/(query|key|value)/bias$", ("model", None)),
+        (r"attention/attention_output/kernel$", ("model", None, None)),
+        (r"(^|/)mlp1/kernel$", (None, "model")),
+        (r"(^|/)mlp1/bias$", ("model",)),
+        (r"(^|/)mlp2/kernel$", ("model", None)),
+        *_CLASSIFIER,
+    ],
 }
 
 
@@ -56,7 +68,7 @@ class DefaultRules(list):
 
 
 def default_rules(model_name):
-    """The default rules for a tfpar model name (``vgg16``, ``alexnet_bn``, ``resnet50``...)."""
+    """The default rules for a tfpar model name (``vgg16``, ``alexnet_bn``, ``resnet50``, ``vit_b16``...)."""
     for family, rules in DEFAULT_RULES.items():
         if model_name.startswith(family):
             return DefaultRules(rules)
