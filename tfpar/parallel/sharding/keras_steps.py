@@ -169,7 +169,8 @@ def attach(model, layouts, batch_axis=None):
                 out = tf.nest.map_structure(to_host, step(pack(data)))
                 outputs = out if outputs is None else tf.nest.map_structure(
                     lambda a, b: np.concatenate([a, b]), outputs, out)
-            return outputs
+            # Tensors, as Keras's own predict function returns: Keras calls .numpy() on them.
+            return tf.nest.map_structure(tf.convert_to_tensor, outputs)
 
         self.predict_function = function
         return function
