@@ -185,9 +185,10 @@ def layouts_for(distribution):
     found = _layouts.get(distribution)
     if found is not None:
         return found
-    if isinstance(distribution, keras.distribution.ModelParallel):
+    # Exact types: a subclass may lay out variables its own way, which tfpar would silently ignore.
+    if type(distribution) is keras.distribution.ModelParallel:
         rules = distribution._layout_map  # hook model_parallel_layout_map
-    elif isinstance(distribution, keras.distribution.DataParallel):
+    elif type(distribution) is keras.distribution.DataParallel:
         rules = []
     else:
         raise DistributionError(f"{type(distribution).__name__} is not supported by tfpar on TensorFlow; use "

@@ -99,6 +99,7 @@ def attach(model, layouts, batch_axis=None):
         Keras; running out before the first re-raises so that ``fit`` ends the epoch.
         """
         def function(iterator):
+            iterator = iter(iterator)  # train_on_batch/test_on_batch pass a list of one batch
             ran = False
             for _ in range(self.steps_per_execution):
                 try:

@@ -1,0 +1,122 @@
+"""Keras's own ``keras.distribution`` API on TensorFlow after ``tfpar.compat.apply()`` (issue 27).
+
+The training checks run once in a subprocess with 4 logical CPUs
+(tests/keras_distribution_worker.py; logical devices must be set before
+TensorFlow starts) and each test asserts one part of its result. Equivalence:
+3 SGD-momentum steps of plain ``fit`` against one device from the same
+weights, losses at rtol 1e-5 and weights within 1e-6 (observed: 6e-8).
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from helpers import quiet_env, run_reaped
+
+from tfpar.kerasfix import compat
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_the_fix_can_be_disabled_by_name_and_typos_are_refused():
+    assert compat.disabled({compat.DISABLE_ENV: "keras_distribution_tf"}) == {"keras_distribution_tf"}
+    assert "keras_distribution_tf" in compat.disabled({compat.DISABLE_ENV: "all"})
+    with pytest.raises(ValueError, match="accepted: all, symbolic_build_reduce.*keras_distribution_tf"):
+        compat.disabled({compat.DISABLE_ENV: "keras_distribution"})
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("keras_distribution") / "result.json"
+    code, log, _ = run_reaped([sys.executable, os.path.join(HERE, "keras_distribution_worker.py"), str(out),
+                               "--gemma"], 1200, env=quiet_env(KERAS_BACKEND="tensorflow"), merge_output=True)
+    assert code == 0, log[-4000:]
+    return json.loads(out.read_text())
+
+
+def _equivalent(run):
+    assert len(run["losses"]) == len(run["reference"]) == 3
+    assert run["reference"][0] != run["reference"][1] != run["reference"][2]  # the steps change the model
+    np.testing.assert_allclose(run["losses"], run["reference"], rtol=1e-5)
+    assert run["max_weight_diff"] < 1e-6
+
+
+@pytest.mark.slow
+def test_data_parallel_through_set_distribution_trains_like_one_device_with_replicated_weights(result):
+    assert result["applied"] and result["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+    run = result["data_parallel"]
+    _equivalent(run)
+    assert all(all(a is None for a in spec) for spec in run["specs"].values())
+    assert run["local_shapes"] == [[8, 16]] * 4  # a whole copy on each of the 4 devices
+
+
+@pytest.mark.slow
+def test_model_parallel_in_scope_lays_out_variables_and_slots_by_the_map(result):
+    run = result["model_parallel"]
+    _equivalent(run)
+    assert run["specs"] == {"d1/kernel": [None, "model"], "d1/bias": ["model"], "d2/kernel": ["model", None],
+                            "d2/bias": [None]}
+    assert run["slots"] == {"d1_kernel_momentum": [None, "model"]}  # the optimizer slot follows its variable
+    assert run["local_shapes"] == [[8, 8]] * 4  # 16 columns over model=2
+    assert result["after_scope"]  # leaving scope() restores no distribution
+    assert result["after_none"] == "ResourceVariable"  # set_distribution(None): plain Keras again
+
+
+@pytest.mark.slow
+def test_the_keras_io_guide_code_path_runs_on_tensorflow(result):
+    guide = result["guide"]
+    assert guide["tensor_layout"] == "['data', 'unsharded']"
+    assert guide["data_parallel_history"][1] < guide["data_parallel_history"][0]
+    assert guide["model_parallel_history"][1] < guide["model_parallel_history"][0]
+    assert np.isfinite(guide["model_parallel_evaluate"])
+    assert guide["d1_kernel_spec"] == [None, "model"]
+    assert guide["checkpoint_files"] == ["backup", "best.weights.h5"]  # ModelCheckpoint, BackupAndRestore
+
+
+@pytest.mark.slow
+def test_keras_hub_gemma_with_its_own_layout_map_trains_like_one_device(result):
+    gemma = result["gemma"]
+    _equivalent(gemma)
+    assert gemma["query_spec"] == ["model", "batch", None]  # FSDP-style: weights split over batch too
+    assert gemma["embedding_spec"] == ["model", "batch"]
+
+
+@pytest.mark.slow
+def test_whole_values_predict_any_length_and_direct_calls(result):
+    whole = result["whole"]
+    assert whole["load_bit_exact"] and whole["model_save_bit_exact"]  # saved under 2x2, loaded unsharded
+    assert whole["plain_is_tf_variable"] == "ResourceVariable"
+    assert whole["predict_13_shape"] == [13, 4]
+    for key in ("predict_13_diff", "call_diff", "call_13_diff", "predict_on_batch_diff"):
+        assert whole[key] < 1e-6, key
+    assert whole["test_on_batch"][0] == pytest.approx(whole["test_on_batch"][1], rel=1e-6)
+    assert whole["train_on_batch_finite"] and whole["train_on_batch_steps"] == 1
+
+
+@pytest.mark.slow
+def test_mixed_bfloat16_keeps_float32_weights(result):
+    bf16 = result["bf16"]
+    assert bf16["weight_dtype"] == "float32"
+    np.testing.assert_allclose(bf16["losses"], bf16["reference"], rtol=2e-2)
+
+
+@pytest.mark.slow
+def test_what_cannot_be_honoured_is_one_sentence(result):
+    bad = result["bad"]
+    assert bad["error_type"] == "ValueError"
+    assert bad["unknown_axis"].startswith("ValueError: Invalid axis names for Layout.")  # Keras's own check
+    assert bad["uneven"] == ("ValueError: rule 'd2/bias' on variable 'd2/bias' [3]: dimension 3 does not divide "
+                             "evenly over mesh axis 'model' of size 2.")
+    assert bad["mesh_too_big"] == ("DistributionError: The DeviceMesh batch=8 needs 8 CPU devices (cpu:0, cpu:1, "
+                                   "cpu:2, cpu:3, cpu:4, cpu:5, cpu:6, cpu:7) but 4 exist; use "
+                                   "keras.distribution.list_devices() to build it.")
+    assert bad["process_id"] == ("DistributionError: initialize got process_id=2, but with num_processes=2 it "
+                                 "must be 0 to 1.")
+    assert bad["built_before"] == (
+        "DistributionError: The model's variable 'd1/kernel' was created before DataParallel was set; build the "
+        "model after keras.distribution.set_distribution(...) or inside distribution.scope().")
+    assert bad["custom"] == ("DistributionError: Custom is not supported by tfpar on TensorFlow; use "
+                             "keras.distribution.DataParallel or ModelParallel.")
