@@ -1,6 +1,8 @@
 """Run by tests/test_keras_distribution.py in a subprocess on 4 logical CPUs; writes its results as JSON.
 
-    keras_distribution_worker.py OUT.json [--gemma]
+    keras_distribution_worker.py OUT.json [--gemma]            every single-process check, 4 logical CPUs
+    keras_distribution_worker.py --process ID JOBS OUT_DIR      one of 2 processes of one 2x2 mesh (2 CPUs each)
+    keras_distribution_worker.py --process launched OUT_DIR     the same, started by tfpar-launch (TF_CONFIG)
 
 Every model here is plain Keras code written for ``keras.distribution`` (as
 on JAX), with one tfpar line: ``tfpar.compat.apply()``. Each sharded run is
@@ -19,7 +21,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
-                                           [tf.config.LogicalDeviceConfiguration()] * 4)
+                                           [tf.config.LogicalDeviceConfiguration()] * (2 if "--process" in sys.argv else 4))
 
 import keras  # noqa: E402
 
@@ -41,10 +43,12 @@ def data(n=STEPS * BATCH):
 
 
 def fit_losses(model, x, y):
+    """3 SGD-momentum steps of plain ``fit`` (``x`` arrays or a batched dataset); the running loss after each."""
     losses = []
     record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: losses.append(float(logs["loss"])))
     model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
-    model.fit(x, y, batch_size=BATCH, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+    batch_size = None if y is None else BATCH
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[record])
     return losses
 
 
@@ -141,6 +145,7 @@ def whole_values(model_2x2, tmp):
     out["call_13_diff"] = float(np.abs(np.asarray(model_2x2(x)) - expected).max())
     plain.compile(keras.optimizers.SGD(0.1), "mse")
     y = np.ones((8, 4), "float32")
+    model_2x2.reset_metrics()  # Keras 3.10's test_on_batch keeps fit's running loss; 3.15 resets it
     out["test_on_batch"] = [float(model_2x2.test_on_batch(x[:8], y)), float(plain.test_on_batch(x[:8], y))]
     out["predict_on_batch_diff"] = float(np.abs(model_2x2.predict_on_batch(x[:8]) - expected[:8]).max())
     before = int(model_2x2.optimizer.iterations)
@@ -270,5 +275,58 @@ def main(out_path, with_gemma):
     os.replace(out_path + ".tmp", out_path)
 
 
+def process(index, jobs, out_dir):
+    """``keras.distribution.initialize`` as on JAX, then ModelParallel on one 2x2 mesh over both processes."""
+    tfpar.compat.apply()
+    if jobs is None:  # started by tfpar-launch: the cluster comes from TF_CONFIG
+        keras.distribution.initialize()
+        index = tf.experimental.dtensor.client_id()
+    else:
+        keras.distribution.initialize(job_addresses=jobs, num_processes=2, process_id=index)
+    devices = keras.distribution.list_devices()
+    keras.utils.set_random_seed(0)
+    plain = mlp()
+    initial = plain.get_weights()
+    x, y = data()
+    reference = fit_losses(plain, x, y)
+    layout_map = keras.distribution.LayoutMap(keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices))
+    layout_map["d1/kernel"] = (None, "model")
+    layout_map["d2/kernel"] = ("model", None)
+    distribution = keras.distribution.ModelParallel(layout_map=layout_map, batch_dim_name="batch")
+    keras.distribution.set_distribution(distribution)
+    model = mlp()
+    model.set_weights(initial)
+    # Every process opens the same global dataset; Keras's distribute_dataset gives each its half of a batch.
+    losses = fit_losses(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), None)
+    weights = model.get_weights()
+    result = {"process": index, "devices": devices,
+              "num_processes": distribution.num_processes, "losses": losses, "reference": reference,
+              "max_weight_diff": max_diff(weights, plain.get_weights()),
+              "local_shapes": [list(c.shape) for c in tf.experimental.dtensor.unpack(
+                  tf.convert_to_tensor(model.get_layer("d1").kernel.value))],
+              "weights_sum": float(sum(np.abs(w).astype("float64").sum() for w in weights))}
+    path = os.path.join(out_dir, f"{index}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+    wait_for_the_other(out_dir)
+
+
+def wait_for_the_other(out_dir, timeout=300):
+    """Exit once both have written: a process that exits early takes its collective server down under the other."""
+    import glob
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(glob.glob(os.path.join(out_dir, "*.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], "--gemma" in sys.argv[2:])
+    if sys.argv[1] == "--process" and sys.argv[2] == "launched":
+        process(None, None, sys.argv[3])
+    elif sys.argv[1] == "--process":
+        process(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    else:
+        main(sys.argv[1], "--gemma" in sys.argv[2:])

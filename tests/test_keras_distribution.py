@@ -120,3 +120,49 @@ def test_what_cannot_be_honoured_is_one_sentence(result):
         "model after keras.distribution.set_distribution(...) or inside distribution.scope().")
     assert bad["custom"] == ("DistributionError: Custom is not supported by tfpar on TensorFlow; use "
                              "keras.distribution.DataParallel or ModelParallel.")
+
+
+# ----- two processes x 2 logical CPUs, one 2x2 mesh ---------------------------------------------
+def _two_processes_agree(out_dir):
+    results = [json.loads((out_dir / f"{i}.json").read_text()) for i in range(2)]
+    for index, run in enumerate(results):
+        assert run["process"] == index and run["num_processes"] == 2
+        assert run["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]  # list_devices is global
+        assert run["local_shapes"] == [[8, 8]] * 2  # each process holds its 2 column halves of d1/kernel
+        _equivalent(run)  # each fed its half of every batch, yet the losses are the global batch's
+    assert results[0]["weights_sum"] == results[1]["weights_sum"]
+
+
+@pytest.mark.slow
+def test_initialize_with_addresses_trains_one_mesh_over_two_processes(tmp_path):
+    import signal
+    import subprocess
+
+    from tfpar.runtime import launcher
+
+    jobs = ",".join(f"127.0.0.1:{p}" for p in launcher.free_ports(2))
+    procs = []
+    try:
+        for index in range(2):
+            procs.append(subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "keras_distribution_worker.py"), "--process", str(index), jobs,
+                 str(tmp_path)], env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True, text=True))
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    _two_processes_agree(tmp_path)
+
+
+@pytest.mark.slow
+def test_initialize_without_arguments_reads_the_cluster_from_tfpar_launch(tmp_path):
+    code, out, _ = run_reaped(
+        [sys.executable, "-m", "tfpar.launcher", "--workers", "2", "--timeout", "600", "--", sys.executable,
+         os.path.join(HERE, "keras_distribution_worker.py"), "--process", "launched", str(tmp_path)],
+        700, env=quiet_env(), merge_output=True)
+    assert code == 0, out[-3000:]
+    _two_processes_agree(tmp_path)

@@ -23,6 +23,7 @@ Nothing falls back silently: what tfpar cannot honour is one sentence
 """
 
 import functools
+import os
 import weakref
 
 import keras
@@ -80,12 +81,13 @@ def process_id():
 def initialize(job_addresses=None, num_processes=None, process_id=None):
     """Start multi-client DTensor: one client per process, ``job_addresses`` listing every process.
 
-    With no arguments and no ``DTENSOR_*`` variables this is one process and
-    nothing needs starting, as on JAX.
+    With no arguments the cluster is read as tfpar reads it (``DTENSOR_*``,
+    TF_CONFIG, Slurm, Kubernetes); in one process nothing needs starting, as on JAX.
     """
-    import os
-
     if job_addresses is None and num_processes is None and process_id is None:
+        from tfpar.runtime import cluster
+
+        mesh_lib.dtensor_env_from_cluster(cluster.detect())
         if int(os.environ.get("DTENSOR_NUM_CLIENTS", "1")) > 1:
             _start_clients()
         return
@@ -170,7 +172,8 @@ def distribute_variable(value, layout):
 
 
 def distribute_data_input(per_process_batch, layout, batch_dim_name):
-    return keras_steps.pack_batch(per_process_batch, _layout_of(layout).mesh, batch_dim_name)
+    return keras_steps.pack_batch(per_process_batch, _layout_of(layout).mesh, batch_dim_name,
+                                  per_process=dtensor.num_clients() > 1)
 
 
 BACKEND_FUNCTIONS = {f.__name__: f for f in (
@@ -198,6 +201,7 @@ def layouts_for(distribution):
                                 f"scope are both active; use one of them.")
     layouts = variables_lib.Layouts(distribution.device_mesh.backend_mesh, rules)
     layouts.batch_axis = distribution.batch_dim_name or layouts.batch_axis
+    layouts.per_process = dtensor.num_clients() > 1  # as on JAX: each process feeds its own part
     _layouts[distribution] = layouts
     return layouts
 
@@ -285,7 +289,8 @@ def _model_call(original):
         leaves = tf.nest.flatten(args[0])
         if not leaves or not all(_on_host(v) for v in leaves):
             return original(self, *args, **kwargs)
-        inputs = tf.nest.map_structure(lambda v: keras_steps.pack_batch(v, layouts.mesh, layouts.batch_axis), args[0])
+        inputs = tf.nest.map_structure(
+            lambda v: keras_steps.pack_batch(v, layouts.mesh, layouts.batch_axis, layouts.per_process), args[0])
         outputs = original(self, inputs, *args[1:], **kwargs)
         return tf.nest.map_structure(
             lambda v: tf.convert_to_tensor(keras_steps.to_host(v)) if tf.is_tensor(v) else v, outputs)

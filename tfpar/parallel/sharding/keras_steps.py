@@ -22,22 +22,27 @@ from tfpar.parallel.sharding.layers import adapt_layers
 from tfpar.step import builder
 from tfpar.step import plan as plans
 
-def pack_batch(value, dmesh, batch_axis):
+def pack_batch(value, dmesh, batch_axis, per_process=False):
     """A host tensor as a DTensor split on ``batch_axis`` (replicated if it does not divide evenly).
 
     Each client packs only its own devices' slices, so every client must read
-    the same global batch.
+    the same global batch; with ``per_process`` each client's ``value`` is
+    instead its own part of the global batch (Keras's ``distribute_dataset``),
+    split over the batch shards its devices hold.
     """
     if value is None or (tf.is_tensor(value) and dtensor.is_dtensor(value)):
         return value
     value = tf.convert_to_tensor(value)
-    parts = dmesh.dim_size(batch_axis)
     rank = value.shape.rank
     local = dmesh.local_device_locations()
-    if rank == 0 or value.shape[0] % parts:
+    shards = sorted({loc[batch_axis] for loc in local}) if per_process else list(range(dmesh.dim_size(batch_axis)))
+    if rank == 0 or value.shape[0] % len(shards):
+        if per_process and rank:
+            raise ValueError(f"This process's batch of {value.shape[0]} rows does not split over the "
+                             f"{len(shards)} shards of mesh axis {batch_axis!r} it holds; use a batch size that does.")
         return dtensor.pack([value] * len(local), dtensor.Layout.replicated(dmesh, rank))
-    size = value.shape[0] // parts
-    pieces = [value[loc[batch_axis] * size:(loc[batch_axis] + 1) * size] for loc in local]
+    size = value.shape[0] // len(shards)
+    pieces = [value[shards.index(loc[batch_axis]) * size:(shards.index(loc[batch_axis]) + 1) * size] for loc in local]
     return dtensor.pack(pieces, dtensor.Layout.batch_sharded(dmesh, batch_axis, rank))
 
 
@@ -74,7 +79,8 @@ def attach(model, layouts, batch_axis=None):
                                    for g, w in zip(grads, model.trainable_weights)]
     dmesh = layouts.mesh
     batch_axis = batch_axis or dmesh.dim_names[0]
-    pack = lambda data: tf.nest.map_structure(lambda v: pack_batch(v, dmesh, batch_axis), data)  # noqa: E731
+    per_process = getattr(layouts, "per_process", False)
+    pack = lambda data: tf.nest.map_structure(lambda v: pack_batch(v, dmesh, batch_axis, per_process), data)  # noqa: E731
 
     def host_logs(logs):
         return {k: float(np.asarray(to_host(v))) for k, v in logs.items()}

@@ -29,6 +29,7 @@ class Layouts:
         self._by_flat_path = {}  # "fc1_kernel" -> spec, to find a slot's variable
         self.creator = None  # set by layout_scope
         self.batch_axis = self.mesh.dim_names[0]  # the axis batches are split over
+        self.per_process = False  # True: each process feeds its own part of the batch (keras.distribution)
 
     def create(self, path, kwargs):
         """A ``ShardedVariable`` for the Keras variable at ``path`` (``kwargs``: those of ``tf.Variable``)."""
