@@ -166,3 +166,39 @@ def test_initialize_without_arguments_reads_the_cluster_from_tfpar_launch(tmp_pa
         700, env=quiet_env(), merge_output=True)
     assert code == 0, out[-3000:]
     _two_processes_agree(tmp_path)
+
+
+# ----- tfpar-train --layout_map -----------------------------------------------------------------
+@pytest.mark.parametrize("args,message", [
+    (["--layout_map=no_such_module_27:f"],
+     "layout_map 'no_such_module_27:f' cannot be loaded (ModuleNotFoundError: No module named 'no_such_module_27')."),
+    (["--layout_map=builtins:repr"], "layout_map 'builtins:repr' returned str, not a keras.distribution.LayoutMap."),
+    (["--layout_map=a map"], "layout_map must be module:function (a Keras LayoutMap factory such as "
+                             "keras_hub.models:GemmaBackbone.get_layout_map) or a JSON file, got 'a map'."),
+    (["--layout_map=builtins:repr", "--layout_rules={rules}"], "Give --layout_map or --layout_rules, not both."),
+])
+def test_cli_layout_map_mistakes_exit_2_with_one_sentence(tmp_path, capsys, args, message):
+    from tfpar.run import cli
+
+    rules = tmp_path / "rules.json"
+    rules.write_text("{}")
+    code = cli.main(["tfpar-train", "--strategy=dtensor", "--mesh=batch=1,model=1", "--model=vgg11",
+                     f"--model_dir={tmp_path / 'run'}", *[a.format(rules=rules) for a in args]])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tfpar-train: error: ")]
+    assert code == 2 and lines == [f"tfpar-train: error: {message}"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cli_trains_with_a_keras_layout_map_factory(tmp_path):
+    env = quiet_env(PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    code, out, err = run_reaped(
+        [sys.executable, "-m", "tfpar.cli", "--strategy=dtensor", "--mesh=batch=2,model=2", "--virtual_cpus=4",
+         "--model=vgg11", "--width_multiplier=0.125", "--layout_map=layout_maps:vgg_columns", "--epochs=1",
+         "--steps_per_epoch=2", "--validation_steps=1", "--batch_size=16", f"--model_dir={tmp_path}", "--verbose=0",
+         "--notensorboard"], 600, env=env)
+    assert code == 0, err[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["layout_rules"] == [["fc1/kernel", [None, "model"]], ["fc1/bias", ["model"]],
+                                       ["fc2/kernel", ["model", None]]]
+    assert summary["optimizer_updates"] == 2 and 0 < summary["param_bytes_per_device"] < summary["param_bytes"]

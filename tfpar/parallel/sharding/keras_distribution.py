@@ -206,6 +206,31 @@ def layouts_for(distribution):
     return layouts
 
 
+def layout_map_from(spec, mesh_shape):
+    """The LayoutMap ``"module:function"`` makes for a DeviceMesh of ``mesh_shape`` (``tfpar-train --layout_map``)."""
+    import importlib
+
+    module_name, _, attribute = spec.partition(":")
+    try:
+        factory = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            factory = getattr(factory, part)
+    except (ImportError, AttributeError) as err:
+        raise DistributionError(f"layout_map {spec!r} cannot be loaded ({type(err).__name__}: {err}).") from None
+    count = mesh_lib.device_count(mesh_shape)
+    device_mesh = keras.distribution.DeviceMesh(tuple(mesh_shape.values()), list(mesh_shape),
+                                                devices=[f"cpu:{i}" for i in range(count)])  # names only
+    try:
+        layout_map = factory(device_mesh)
+    except (TypeError, ValueError) as err:
+        raise DistributionError(f"layout_map {spec!r} failed for the mesh "
+                                f"{','.join(f'{k}={v}' for k, v in mesh_shape.items())}: {str(err).rstrip('.')}.") from None
+    if not isinstance(layout_map, keras.distribution.LayoutMap):
+        raise DistributionError(f"layout_map {spec!r} returned {type(layout_map).__name__}, not a "
+                                f"keras.distribution.LayoutMap.")
+    return layout_map
+
+
 def current():
     distribution = keras.distribution.distribution()
     return None if distribution is None else layouts_for(distribution)

@@ -25,8 +25,14 @@ class DTensor(Hook):
         from tfpar.parallel.sharding import meshes, rules as rules_lib
 
         self.mesh_shape = meshes.parse(self._mesh_spec())
-        self.rules = rules_lib.load(self.config.layout_rules) if self.config.layout_rules else \
-            rules_lib.default_rules(self.config.model)
+        if self.config.layout_map and not self.config.layout_map.endswith(".json"):
+            from tfpar.parallel.sharding import keras_distribution
+
+            self.rules = keras_distribution.layout_map_from(self.config.layout_map, self.mesh_shape)
+        elif self.config.layout_rules or self.config.layout_map:
+            self.rules = rules_lib.load(self.config.layout_rules or self.config.layout_map)
+        else:
+            self.rules = rules_lib.default_rules(self.config.model)
         self.replicas = next(iter(self.mesh_shape.values()))  # the first axis carries the batch
         self.global_batch()  # a batch that does not split over the batch axis: one sentence now
 
