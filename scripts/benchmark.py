@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts/bench_*.py measuring modules
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 TF_KERAS_VENV = os.path.join(REPO, "benchmarks", ".venv-tf-keras")
@@ -105,6 +107,10 @@ def measure(case):
     if case.get("ps") and json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {}).get("type") != "chief":
         _serve_until_done(case)  # a pinned worker or ps server of an asynchronous case; prints no result
     kind = case["kind"]
+    if kind == "keras_distribution":  # keras.distribution on TF vs tfpar mirrored (scripts/bench_keras_distribution.py)
+        import bench_keras_distribution
+
+        return bench_keras_distribution.measure(case, _window_timer)
     if kind == "tfpar":
         return _measure_tfpar(case)
     return _measure_plain(case, tf_keras=(kind == "tf_keras"))
@@ -332,6 +338,7 @@ def stragglers_cases(base, quick):
 
 def suites(name):
     """Comparisons: name -> (list of cases, how to read them)."""
+    import bench_keras_distribution
     quick = name == "quick"
     w, s = (2, 4) if quick else (3, 8)
     base = dict(windows=w, warmup_windows=1, steps=s, classes=10)
@@ -396,6 +403,7 @@ def suites(name):
         "stragglers": stragglers_cases(base, quick),
         "precision": [dict(r50, name="resnet50 float32", kind="tfpar"),
                       dict(r50, name="resnet50 mixed_bfloat16", kind="tfpar", precision="mixed_bfloat16")],
+        "keras_distribution": bench_keras_distribution.cases(base),
         "xla": [dict(r18, name="resnet18 mirrored x2, jit off", kind="tfpar", strategy="mirrored", virtual_cpus=2,
                      jit_compile="off", windows=2),
                 dict(r18, name="resnet18 mirrored x2, jit on", kind="tfpar", strategy="mirrored", virtual_cpus=2,

@@ -42,11 +42,12 @@ def data(n=STEPS * BATCH):
     return rng.rand(n, 8).astype("float32"), rng.rand(n, 4).astype("float32")
 
 
-def fit_losses(model, x, y):
+def fit_losses(model, x, y, compiled=False):
     """3 SGD-momentum steps of plain ``fit`` (``x`` arrays or a batched dataset); the running loss after each."""
     losses = []
     record = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: losses.append(float(logs["loss"])))
-    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    if not compiled:
+        model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
     batch_size = None if y is None else BATCH
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0, callbacks=[record])
     return losses
@@ -77,7 +78,8 @@ def equivalence(make_distribution, initial, reference, use_scope):
         with distribution.scope():
             model = mlp()
             model.set_weights(initial)
-            losses = fit_losses(model, x, y)
+            model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+        losses = fit_losses(model, x, y, compiled=True)  # outside the scope: the model keeps its mesh
     else:
         keras.distribution.set_distribution(distribution)
         model = mlp()
