@@ -302,7 +302,9 @@ def process(index, jobs, out_dir):
     losses = fit_losses(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH), None)
     weights = model.get_weights()
     result = {"process": index, "devices": devices,
-              "num_processes": distribution.num_processes, "losses": losses, "reference": reference,
+              "num_processes": keras.src.backend.distribution_lib.num_processes(),
+              "multi_process": distribution._is_multi_process,  # what Keras's distribute_dataset reads
+              "losses": losses, "reference": reference,
               "max_weight_diff": max_diff(weights, plain.get_weights()),
               "local_shapes": [list(c.shape) for c in tf.experimental.dtensor.unpack(
                   tf.convert_to_tensor(model.get_layer("d1").kernel.value))],

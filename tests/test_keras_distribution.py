@@ -126,7 +126,7 @@ def test_what_cannot_be_honoured_is_one_sentence(result):
 def _two_processes_agree(out_dir):
     results = [json.loads((out_dir / f"{i}.json").read_text()) for i in range(2)]
     for index, run in enumerate(results):
-        assert run["process"] == index and run["num_processes"] == 2
+        assert run["process"] == index and run["num_processes"] == 2 and run["multi_process"]
         assert run["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]  # list_devices is global
         assert run["local_shapes"] == [[8, 8]] * 2  # each process holds its 2 column halves of d1/kernel
         _equivalent(run)  # each fed its half of every batch, yet the losses are the global batch's
