@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts/bench_*.py measuring modules
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 TF_KERAS_VENV = os.path.join(REPO, "benchmarks", ".venv-tf-keras")
@@ -109,6 +111,10 @@ def measure(case):
         import bench_elastic
 
         return bench_elastic.measure(case)
+    if kind == "keras_distribution":  # keras.distribution on TF vs tfpar mirrored (scripts/bench_keras_distribution.py)
+        import bench_keras_distribution
+
+        return bench_keras_distribution.measure(case, _window_timer)
     if kind == "tfpar":
         return _measure_tfpar(case)
     return _measure_plain(case, tf_keras=(kind == "tf_keras"))
@@ -336,6 +342,7 @@ def stragglers_cases(base, quick):
 
 def suites(name):
     """Comparisons: name -> (list of cases, how to read them)."""
+    import bench_keras_distribution
     quick = name == "quick"
     w, s = (2, 4) if quick else (3, 8)
     base = dict(windows=w, warmup_windows=1, steps=s, classes=10)
@@ -404,6 +411,7 @@ def suites(name):
         # the seconds lost in the case's fields).
         "elastic": [dict(r18, name="resnet18/4 2 workers -> 1 after a shrink", kind="elastic", batch=32,
                          epochs=4, steps=6, kill_at=12, backup_every=4, train_options={"width_multiplier": 0.25})],
+        "keras_distribution": bench_keras_distribution.cases(base),
         "xla": [dict(r18, name="resnet18 mirrored x2, jit off", kind="tfpar", strategy="mirrored", virtual_cpus=2,
                      jit_compile="off", windows=2),
                 dict(r18, name="resnet18 mirrored x2, jit on", kind="tfpar", strategy="mirrored", virtual_cpus=2,

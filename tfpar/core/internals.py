@@ -123,6 +123,20 @@ HOOKS = (
     # --- DTensor through Keras fit (tfpar/parallel/sharding/keras_steps.py) -------------
     Hook("symbolic_build", "@model:_symbolic_build", "calls", "data_batch", used_by="sharding/keras_steps.py"),
     Hook("compile_loss", "@model:_compile_loss", "calls", used_by="pipeline/stages.py"),
+    # --- keras.distribution on TensorFlow (tfpar/parallel/sharding/keras_distribution.py) -----
+    Hook("tf_distribution_lib", "keras.src.backend.tensorflow:distribution_lib", "calls",
+         used_by="keras_distribution.py (its missing functions are set: initialize, distribute_tensor, ...)"),
+    Hook("tf_variable_class", "keras.src.backend.tensorflow.core:Variable", "calls", used_by="keras_distribution.py"),
+    Hook("tf_variable_initialize", "keras.src.backend.tensorflow.core:Variable._initialize", "wraps", "self, value",
+         used_by="keras_distribution.py (variables made under a distribution are DTensor variables)"),
+    Hook("trainer_base_class", "keras.src.trainers.trainer:Trainer", "calls", used_by="keras_distribution.py"),
+    Hook("trainer_compile", "keras.src.trainers.trainer:Trainer.compile", "wraps", None,
+         used_by="keras_distribution.py (a model compiled under a distribution gets DTensor steps)"),
+    Hook("trainer_make_predict_function", f"{_TRAINER}:TensorFlowTrainer.make_predict_function", "wraps",
+         "self, force=False", used_by="keras_distribution.py"),
+    Hook("model_class", "keras.src.models.model:Model", "calls", used_by="keras_distribution.py (Model.__call__)"),
+    Hook("model_parallel_layout_map", "keras.src.distribution.distribution_lib:ModelParallel.__init__", "source",
+         used_by="keras_distribution.py reads ModelParallel._layout_map"),
     # --- Pipeline stages (tfpar/parallel/pipeline/) ---------------------------------------
     Hook("functional_class", "keras.src.models.functional:Functional", "calls",
          used_by="pipeline/partition.py (a graph to cut?)"),

@@ -319,6 +319,8 @@ FIXES = (
         ps_fit_needed, _install_ps_fit),
 )
 NAMES = tuple(f.name for f in FIXES)
+# Fixes that need a layer above this one; tfpar.parallel.fixes installs them (tfpar.compat.apply is that one).
+ABOVE = ("keras_distribution_tf",)
 
 _applied = set()
 _logged = set()
@@ -330,12 +332,17 @@ def _disabled(environ):
         return set()
     names = {n.strip() for n in raw.split(",") if n.strip()}
     if "all" in names:
-        return set(NAMES)
-    unknown = names - set(NAMES)
+        return set(NAMES + ABOVE)
+    unknown = names - set(NAMES + ABOVE)
     if unknown:
         raise ValueError(f"{DISABLE_ENV} names unknown fix(es) {', '.join(sorted(unknown))}; "
-                         f"accepted: all, {', '.join(NAMES)}.")
+                         f"accepted: all, {', '.join(NAMES + ABOVE)}.")
     return names
+
+
+def disabled(environ=None):
+    """The fix names ``TFPAR_COMPAT_DISABLE`` turns off (checked: an unknown name is one sentence)."""
+    return _disabled(os.environ if environ is None else environ)
 
 
 def _log_once(key, message, *args):

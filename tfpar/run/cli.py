@@ -75,6 +75,9 @@ _HELP = {
     "log_all_workers": "Every worker prints its epochs (prefixed by task), not only the chief.",
     "mesh": "DTensor mesh for --strategy=dtensor, e.g. batch=2,model=2.",
     "layout_rules": "DTensor layout rules file for --strategy=dtensor.",
+    "layout_map": "A Keras LayoutMap for --strategy=dtensor: module:function called with a "
+                  "keras.distribution.DeviceMesh of --mesh (e.g. keras_hub.models:GemmaBackbone.get_layout_map), "
+                  "or a JSON file {{regex: [axis or null, ...]}}; strict, like --layout_rules.",
     "stages": "Pipeline stages for --strategy=pipeline: consecutive parts of the model, one per device; under a "
               "TF_CONFIG cluster of stages x --pipeline_replicas worker tasks, stage i on worker task i.",
     "micro_batches": "Pipeline micro-batches per step: --batch_size splits into this many x --pipeline_replicas; "

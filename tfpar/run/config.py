@@ -55,6 +55,7 @@ class TrainConfig:
     log_all_workers: bool = False
     mesh: str | None = None  # dtensor only, e.g. "batch=2,model=2"
     layout_rules: str | None = None  # dtensor only: a file of layout rules
+    layout_map: str | None = None  # dtensor only: "module:function" making a keras LayoutMap, or a JSON file
     # pipeline only (tfpar.pipeline): stages x micro-batches per step, schedule, cuts, copies
     stages: int = 2
     micro_batches: int = 4
@@ -245,6 +246,12 @@ class TrainConfig:
             raise ValueError(f"mesh must look like 'batch=2,model=2' (axis=size, comma-separated), got {self.mesh!r}.")
         if self.layout_rules is not None and not os.path.isfile(self.layout_rules):
             raise ValueError(f"layout_rules file {self.layout_rules!r} does not exist.")
+        if self.layout_map is not None:
+            if self.layout_rules is not None:
+                raise ValueError("Give --layout_map or --layout_rules, not both.")
+            if not (os.path.isfile(self.layout_map) or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", self.layout_map)):
+                raise ValueError(f"layout_map must be module:function (a Keras LayoutMap factory such as "
+                                 f"keras_hub.models:GemmaBackbone.get_layout_map) or a JSON file, got {self.layout_map!r}.")
 
     def profile_range(self):
         """``profile_steps`` "A,B" (or "A") -> ``(A, B)`` with 1 <= A <= B; ``None`` when unset."""

@@ -22,22 +22,27 @@ from tfpar.parallel.sharding.layers import adapt_layers
 from tfpar.step import builder
 from tfpar.step import plan as plans
 
-def pack_batch(value, dmesh, batch_axis):
+def pack_batch(value, dmesh, batch_axis, per_process=False):
     """A host tensor as a DTensor split on ``batch_axis`` (replicated if it does not divide evenly).
 
     Each client packs only its own devices' slices, so every client must read
-    the same global batch.
+    the same global batch; with ``per_process`` each client's ``value`` is
+    instead its own part of the global batch (Keras's ``distribute_dataset``),
+    split over the batch shards its devices hold.
     """
     if value is None or (tf.is_tensor(value) and dtensor.is_dtensor(value)):
         return value
     value = tf.convert_to_tensor(value)
-    parts = dmesh.dim_size(batch_axis)
     rank = value.shape.rank
     local = dmesh.local_device_locations()
-    if rank == 0 or value.shape[0] % parts:
+    shards = sorted({loc[batch_axis] for loc in local}) if per_process else list(range(dmesh.dim_size(batch_axis)))
+    if rank == 0 or value.shape[0] % len(shards):
+        if per_process and rank:
+            raise ValueError(f"This process's batch of {value.shape[0]} rows does not split over the "
+                             f"{len(shards)} shards of mesh axis {batch_axis!r} it holds; use a batch size that does.")
         return dtensor.pack([value] * len(local), dtensor.Layout.replicated(dmesh, rank))
-    size = value.shape[0] // parts
-    pieces = [value[loc[batch_axis] * size:(loc[batch_axis] + 1) * size] for loc in local]
+    size = value.shape[0] // len(shards)
+    pieces = [value[shards.index(loc[batch_axis]) * size:(shards.index(loc[batch_axis]) + 1) * size] for loc in local]
     return dtensor.pack(pieces, dtensor.Layout.batch_sharded(dmesh, batch_axis, rank))
 
 
@@ -74,7 +79,8 @@ def attach(model, layouts, batch_axis=None):
                                    for g, w in zip(grads, model.trainable_weights)]
     dmesh = layouts.mesh
     batch_axis = batch_axis or dmesh.dim_names[0]
-    pack = lambda data: tf.nest.map_structure(lambda v: pack_batch(v, dmesh, batch_axis), data)  # noqa: E731
+    per_process = getattr(layouts, "per_process", False)
+    pack = lambda data: tf.nest.map_structure(lambda v: pack_batch(v, dmesh, batch_axis, per_process), data)  # noqa: E731
 
     def host_logs(logs):
         return {k: float(np.asarray(to_host(v))) for k, v in logs.items()}
@@ -99,6 +105,7 @@ def attach(model, layouts, batch_axis=None):
         Keras; running out before the first re-raises so that ``fit`` ends the epoch.
         """
         def function(iterator):
+            iterator = iter(iterator)  # train_on_batch/test_on_batch pass a list of one batch
             ran = False
             for _ in range(self.steps_per_execution):
                 try:
@@ -169,7 +176,8 @@ def attach(model, layouts, batch_axis=None):
                 out = tf.nest.map_structure(to_host, step(pack(data)))
                 outputs = out if outputs is None else tf.nest.map_structure(
                     lambda a, b: np.concatenate([a, b]), outputs, out)
-            return outputs
+            # Tensors, as Keras's own predict function returns: Keras calls .numpy() on them.
+            return tf.nest.map_structure(tf.convert_to_tensor, outputs)
 
         self.predict_function = function
         return function

@@ -5,6 +5,7 @@ others shard weights. Parsing is pure Python so a typo fails before
 TensorFlow starts.
 """
 
+import os
 import re
 
 _AXIS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -105,3 +106,22 @@ def mesh(spec, device_type=None, virtual_cpus=None):
 def shape_of(dmesh):
     """The ordered ``{axis: size}`` of a ``dtensor.Mesh``."""
     return {name: dmesh.dim_size(name) for name in dmesh.dim_names}
+
+
+def dtensor_env_from_cluster(info, environ=None):
+    """Set DTensor's multi-client variables from a ``ClusterInfo`` (unless already set).
+
+    DTensor reads ``DTENSOR_CLIENT_ID``, ``DTENSOR_NUM_CLIENTS``,
+    ``DTENSOR_JOB_NAME`` and ``DTENSOR_JOBS`` (every client's host:port, in
+    client order). Chief first, then workers, as in TF_CONFIG.
+    """
+    environ = os.environ if environ is None else environ
+    if info is None or info.num_workers <= 1 or "DTENSOR_NUM_CLIENTS" in environ:
+        return environ
+    jobs = [*info.cluster_spec.get("chief", []), *info.cluster_spec.get("worker", [])]
+    client = info.task_index + (len(info.cluster_spec.get("chief", [])) if info.task_type == "worker" else 0)
+    environ.update({
+        "DTENSOR_CLIENT_ID": str(client), "DTENSOR_NUM_CLIENTS": str(len(jobs)),
+        "DTENSOR_JOB_NAME": "worker", "DTENSOR_JOBS": ",".join(jobs),
+    })
+    return environ

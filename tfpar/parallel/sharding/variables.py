@@ -27,7 +27,25 @@ class Layouts:
         self.specs = {}  # path -> spec tuple, in creation order
         self.notes = {}  # path -> how default rules were adapted to this mesh
         self._by_flat_path = {}  # "fc1_kernel" -> spec, to find a slot's variable
-        self.creator = None  # set by layout_scope
+        self.creator = self._creator  # a tf.variable_creator_scope creator (layout_scope's, keras_steps' lazy builds)
+        self.batch_axis = self.mesh.dim_names[0]  # the axis batches are split over
+        self.per_process = False  # True: each process feeds its own part of the batch (keras.distribution)
+
+    def _creator(self, next_creator, **kwargs):
+        name = (kwargs.get("name") or "variable").split(":")[0].rpartition("/")[2]
+        return self.create(_current_keras_path(name), kwargs)
+
+    def create(self, path, kwargs):
+        """A ``ShardedVariable`` for the Keras variable at ``path`` (``kwargs``: those of ``tf.Variable``)."""
+        name = (kwargs.get("name") or "variable").split(":")[0].rpartition("/")[2]
+        initial = kwargs["initial_value"]
+        with tf.init_scope():
+            value = initial() if callable(initial) else initial
+            value = tf.convert_to_tensor(value, dtype=kwargs.get("dtype"))
+            layout = self.layout(self.spec_for(path, value.shape))
+            variable = ShardedVariable(put(value, layout), trainable=kwargs.get("trainable", True), name=name)
+            variable.tfpar_layout = layout
+            return variable
 
     def creating(self):
         """Re-enter the scope's variable creator (for variables Keras creates lazily, in ``fit``)."""
@@ -118,23 +136,8 @@ def layout_scope(dmesh, rules=None, batch_axis=None):
     if batch_axis is not None and batch_axis not in dmesh.dim_names:
         raise ValueError(f"batch_axis {batch_axis!r} is not a mesh axis; the mesh has {', '.join(dmesh.dim_names)}.")
     layouts = Layouts(dmesh, rules)
-
-    def creator(next_creator, **kwargs):
-        name = kwargs.get("name") or "variable"
-        name = name.split(":")[0].rpartition("/")[2]
-        initial = kwargs["initial_value"]
-        with tf.init_scope():
-            value = initial() if callable(initial) else initial
-            value = tf.convert_to_tensor(value, dtype=kwargs.get("dtype"))
-            path = _current_keras_path(name)
-            spec = layouts.spec_for(path, value.shape)
-            layout = layouts.layout(spec)
-            variable = ShardedVariable(put(value, layout), trainable=kwargs.get("trainable", True), name=name)
-            variable.tfpar_layout = layout
-            return variable
-
-    layouts.creator = creator
-    with tf.variable_creator_scope(creator), _compiled_models_get_steps(layouts, batch_axis, keras_steps.attach):
+    layouts.batch_axis = batch_axis or layouts.batch_axis
+    with tf.variable_creator_scope(layouts.creator), _compiled_models_get_steps(layouts, batch_axis, keras_steps.attach):
         yield layouts
 
 

@@ -6,28 +6,9 @@ layout rules adapt to the mesh (and say how); rules from ``--layout_rules`` are 
 """
 
 import contextlib
-import os
 
+from tfpar.parallel.sharding.meshes import dtensor_env_from_cluster
 from tfpar.run.hooks.base import Hook
-
-
-def dtensor_env_from_cluster(info, environ=None):
-    """Set DTensor's multi-client variables from a ``ClusterInfo`` (unless already set).
-
-    DTensor reads ``DTENSOR_CLIENT_ID``, ``DTENSOR_NUM_CLIENTS``,
-    ``DTENSOR_JOB_NAME`` and ``DTENSOR_JOBS`` (every client's host:port, in
-    client order). Chief first, then workers, as in TF_CONFIG.
-    """
-    environ = os.environ if environ is None else environ
-    if info is None or info.num_workers <= 1 or "DTENSOR_NUM_CLIENTS" in environ:
-        return environ
-    jobs = [*info.cluster_spec.get("chief", []), *info.cluster_spec.get("worker", [])]
-    client = info.task_index + (len(info.cluster_spec.get("chief", [])) if info.task_type == "worker" else 0)
-    environ.update({
-        "DTENSOR_CLIENT_ID": str(client), "DTENSOR_NUM_CLIENTS": str(len(jobs)),
-        "DTENSOR_JOB_NAME": "worker", "DTENSOR_JOBS": ",".join(jobs),
-    })
-    return environ
 
 
 class DTensor(Hook):
@@ -44,8 +25,14 @@ class DTensor(Hook):
         from tfpar.parallel.sharding import meshes, rules as rules_lib
 
         self.mesh_shape = meshes.parse(self._mesh_spec())
-        self.rules = rules_lib.load(self.config.layout_rules) if self.config.layout_rules else \
-            rules_lib.default_rules(self.config.model)
+        if self.config.layout_map and not self.config.layout_map.endswith(".json"):
+            from tfpar.parallel.sharding import keras_distribution
+
+            self.rules = keras_distribution.layout_map_from(self.config.layout_map, self.mesh_shape)
+        elif self.config.layout_rules or self.config.layout_map:
+            self.rules = rules_lib.load(self.config.layout_rules or self.config.layout_map)
+        else:
+            self.rules = rules_lib.default_rules(self.config.model)
         self.replicas = next(iter(self.mesh_shape.values()))  # the first axis carries the batch
         self.global_batch()  # a batch that does not split over the batch axis: one sentence now
 
