@@ -70,6 +70,9 @@ def run(config, print_fn=print, callbacks=()):
     if hook.serves():
         return hook.serve()
     check_model_dir(config)
+    from tfpar.parallel import fixes
+
+    fixes.apply()  # every tfpar entry point: a user's keras.distribution is honoured, never silently ignored
     started = time.time()
     result = train(hook, callbacks)
     result = {
