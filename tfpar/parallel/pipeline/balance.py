@@ -164,4 +164,25 @@ def format_table(rows):
         cut = f"{r['cut_bytes_per_image'] / 1024:.1f}" if r["cut_bytes_per_image"] is not None else "-"
         lines.append(f"{r['stage']:>5} {r['device'][-28:]:<28} {r['layers']:>6} {r['params']:>12,} "
                      f"{r['flops_per_image'] / 1e6:>11.2f} {ms:>9} {cut:>10}  {r['first_layer']}..{r['last_layer']}")
+    for device, held in per_device(rows).items():
+        if len(held) > 1:
+            ms = [r["ms"] for r in rows if r["device"] == device]
+            total = f", {sum(ms):.2f} ms" if None not in ms else ""
+            lines.append(f"device {device[-28:]} holds stages {', '.join(map(str, held))}: "
+                         f"{sum(r['params'] for r in rows if r['device'] == device):,} params"
+                         f", {sum(r['flops_per_image'] for r in rows if r['device'] == device) / 1e6:.2f} "
+                         f"MFLOPs/img{total}")
     return "\n".join(lines)
+
+
+def per_device(rows):
+    """``{device: [stage, ...]}`` of a stage table: interleaved 1F1B puts several stages on one device.
+
+    The cuts minimise the slowest stage, as for one stage per device: with the
+    stages round-robin, a device's load is the sum of its V stages, at most V
+    times the slowest, and every stage's time gates the next device's work.
+    """
+    found = {}
+    for r in rows:
+        found.setdefault(r["device"], []).append(r["stage"])
+    return found
