@@ -123,3 +123,27 @@ def test_each_device_holds_no_more_activations_than_the_theory(worker):
     # S=4 on D=2 at M=8: device d holds S - d stage activations (each a quarter of the model), as 1F1B's
     # stages 0 and 1 of 4 do; GPipe would hold 2 x 8.
     assert worker["held"] == schedules.held_theory(IL, 4, 8, 2) == [4, 3]
+
+
+# ----- across processes: 2 stages a task ---------------------------------------------------------
+@pytest.mark.slow
+def test_four_stages_on_two_tasks_train_as_one_process_on_two_cpus(tmp_path):
+    from test_pipeline_tasks import _assert_same_run, _launch, _single_process
+
+    flags = ["--stages=4", f"--schedule={IL}", "--epochs=1", "--backup_freq=none"]
+    ref_dir, model_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    ref = _single_process(ref_dir, flags + ["--pipeline_devices=2"])
+    assert [d[-5:] for d in ref["pipeline"]["devices"]] == ["CPU:0", "CPU:1", "CPU:0", "CPU:1"]
+    code, out, _ = _launch(model_dir, 2, flags + ["--tensorboard", "--profile_steps=3,4"])
+    assert code == 0, out[-4000:]
+    assert "worker-1 serves stages 1, 3 of copy 0" in out
+    got, _ = _assert_same_run(model_dir, ref_dir)
+    piped = got["pipeline"]
+    task = "/job:worker/replica:0/task:{}/device:CPU:0"
+    assert piped["devices"] == [task.format(0), task.format(1)] * 2 and piped["devices_per_copy"] == 2
+    assert set(piped["variable_devices"]) == {task.format(0), task.format(1)}, piped["variable_devices"]
+    assert piped["bubble_theory"] == pytest.approx(1 / 9, abs=1e-4)  # (D-1)/(VM+D-1), D=2, V=2, M=4
+    # both tasks' traces, one row per task: the union of its two stages' ops
+    timeline = piped["timeline"]
+    assert set(timeline["busy_ms"]) == {"copy0/device0", "copy0/device1"}, timeline
+    assert {t[0] for t in timeline["tasks"]} == {0, 1, 2, 3} and 0 < piped["bubble_measured"] < 1
