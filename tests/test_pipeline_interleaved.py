@@ -76,6 +76,8 @@ def test_bad_interleaved_input_is_one_sentence():
     with pytest.raises(schedules.ScheduleError, match=r"at least as many micro-batches as stages: at least 4 for "
                                                       r"4 stages, got micro_batches=2\.$"):
         pipeline.split(seq, stages=4, micro_batches=2, schedule=IL, devices=cpu)
+    with pytest.raises(ValueError, match=r"devices must name pipeline_devices x replicas = 2 devices, got 3"):
+        pipeline.split(seq, stages=4, micro_batches=4, schedule=IL, pipeline_devices=2, devices=["/cpu:0"] * 3)
     with pytest.raises(schedules.ScheduleError, match=r"needs the device count: pass pipeline_devices=D"):
         pipeline.split(seq, stages=4, micro_batches=4, schedule=IL)
     with pytest.raises(schedules.ScheduleError, match=r"Schedule 1f1b puts one stage on each device, so it needs as "

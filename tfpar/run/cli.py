@@ -73,7 +73,8 @@ _HELP = {
     "log_all_workers": "Every worker prints its epochs (prefixed by task), not only the chief.",
     "mesh": "DTensor mesh for --strategy=dtensor, e.g. batch=2,model=2.",
     "layout_rules": "DTensor layout rules file for --strategy=dtensor.",
-    "stages": "Pipeline stages for --strategy=pipeline: consecutive parts of the model, one per device; under a "
+    "stages": "Pipeline stages for --strategy=pipeline: consecutive parts of the model, one per device (with "
+              "--schedule=interleaved_1f1b, stage i on device i mod --pipeline_devices); under a "
               "TF_CONFIG cluster of stages x --pipeline_replicas worker tasks, stage i on worker task i.",
     "micro_batches": "Pipeline micro-batches per step: --batch_size splits into this many x --pipeline_replicas; "
                      "one optimizer update per step.",

@@ -91,7 +91,8 @@ def split(model, stages=2, micro_batches=4, schedule="1f1b", balance="time", dev
     if getattr(model, "optimizer", None) is not None and model.optimizer.built:
         raise ValueError(f"Model {model.name!r} already has a built optimizer; split it before compile/fit.")
     partition.units(model)  # a subclassed model fails here, before devices are looked at
-    found = placement.resolve(devices, per_copy * replicas)
+    found = placement.resolve(devices, per_copy * replicas,
+                              "stages x replicas" if per_copy == stages else "pipeline_devices x replicas")
     devices = [found[r * per_copy + schedules.device_of(s, per_copy)] for r in range(replicas) for s in range(stages)]
     micro = max(1, (batch_size or DEFAULT_TIMING_BATCH) // (micro_batches * replicas))
     unit_list, counts, table = plan_stages(model, stages, balance, devices[:stages], micro)
