@@ -1,11 +1,12 @@
 """Pipeline schedules as orderings of forward and backward micro-batch tasks.
 
 A task is ``(kind, stage, micro_batch)`` with kind ``"F"`` or ``"B"``. A
-schedule gives each stage its own task order; ``ticks`` merges the stages
-into clock ticks that respect the data dependencies (F(s, m) after
-F(s-1, m); B(s, m) after F(s, m) and B(s+1, m)). The stage executor
-builds the graph in tick order and chains each stage's tasks with control
-dependencies, so a stage really runs its tasks in the schedule's order.
+schedule gives each device its own task order (each stage, where a device
+holds one); ``ticks`` merges the devices into clock ticks that respect the
+data dependencies (F(s, m) after F(s-1, m); B(s, m) after F(s, m) and
+B(s+1, m)). The stage executor builds the graph in tick order and chains
+each device's tasks with control dependencies, so a device really runs its
+tasks in the schedule's order.
 
 - ``gpipe``: every forward, then every backward (Huang et al., 2019). A
   stage holds all M micro-batches' activations.
