@@ -51,6 +51,27 @@ def test_orders_run_every_task_once_without_deadlock_and_match_the_theory():
                                                 ("B", 0, 3)]
 
 
+def test_round_robin_cuts_balance_each_devices_summed_stages():
+    import itertools
+
+    import numpy as np
+
+    # the per-stage optimum [3, 1, 1, 1] (stage sums 3, 4, 1, 4) loads device 1 with 4 + 4 = 8;
+    # [1, 1, 2, 2] (sums 1, 1, 5, 5) loads each device with 6
+    costs = [1, 1, 1, 4, 1, 4]
+    assert balance.best_partition(costs, 4)[0] == [3, 1, 1, 1]
+    assert balance.best_round_robin(costs, 4, 2) == ([1, 1, 2, 2], 6.0)
+    rng = np.random.RandomState(2)
+    for _ in range(15):  # against brute force
+        n, D, V = rng.randint(5, 10), rng.randint(2, 3), 2
+        costs = list(rng.rand(n) * rng.choice([1, 10], n))
+        best = min(max(sum(sum(costs[a:b]) for a, b in list(zip((0,) + c, c + (n,)))[d::D]) for d in range(D))
+                   for c in itertools.combinations(range(1, n), V * D - 1))
+        counts, busiest = balance.best_round_robin(costs, V * D, D)
+        assert busiest == pytest.approx(best) and sum(counts) == n and min(counts) >= 1
+    assert balance.best_round_robin([1, 2, 3, 4], 2, 2)[0] == balance.best_partition([1, 2, 3, 4], 2)[0]
+
+
 def test_stage_table_and_task_names_show_several_stages_per_device():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6,))
