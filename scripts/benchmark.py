@@ -30,6 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts/bench_*.py measuring modules
+import bench_interleaved  # noqa: E402  (scripts/: the interleaved 1F1B cases)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
@@ -400,7 +401,10 @@ def suites(name):
                          kind="tfpar", copies=2, ceiling=True)],
         # Bubble from the trace vs (S-1)/(M+S-1); images/sec of 2 stages on 2 logical CPUs vs 1 device.
         "pipeline": [dict(r18, name="resnet18 1 device", kind="tfpar", strategy="one_device"),
-                     dict(pipelined(r18, 4), virtual_cpus=2), dict(pipelined(r18, 8), virtual_cpus=2)],
+                     dict(pipelined(r18, 4), virtual_cpus=2), dict(pipelined(r18, 8), virtual_cpus=2)]
+        + bench_interleaved.one_process(r18),
+        # 1F1B and interleaved 1F1B (2 stages a process) at the same M on 2 one-core processes.
+        "pipeline_interleaved_processes": bench_interleaved.two_processes(quick),
         # One stage per process vs data parallel on the same 2 one-core processes and global batch:
         # the pipeline sends activations at one cut; data parallel all-reduces every gradient (ratios per process).
         "pipeline_vs_data_parallel": [c for model in ("vgg16_bn", "resnet50") for c in _stage_vs_data(model, quick)],
@@ -593,7 +597,8 @@ def markdown(report):
                if c.get("bubble_theory") is not None]
     if bubbles:
         lines += ["", "Pipeline bubble: the idle share of a step, measured from a 2-step trace "
-                  "(`tfpar.parallel.pipeline.timeline`) beside the theory (S-1)/(M+S-1) for equal stages:", "",
+                  "(`tfpar.parallel.pipeline.timeline`) beside the theory (D-1)/(VM+D-1) for equal stages, "
+                  "V stages on each of D devices ((S-1)/(M+S-1) with one stage a device):", "",
                   "| comparison | configuration | bubble measured | theory | stage ms (fwd+bwd, 1 micro-batch) |",
                   "|---|---|---:|---:|---|"]
         for name, c in bubbles:

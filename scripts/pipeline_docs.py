@@ -3,13 +3,16 @@
 
     python scripts/pipeline_docs.py tables            # VGG16, ResNet-50, ViT-B/16 (224 px, 1000 classes), markdown
     python scripts/pipeline_docs.py timeline [--out docs/pipeline_timeline.png]
+    python scripts/pipeline_docs.py interleaved [--out docs/pipeline_interleaved.png]
 
 ``tables`` cuts the full-size models with ``balance="flops"`` and
 ``"params"`` (``tfpar.pipeline.plan_stages``; built in ``keras.StatelessScope``,
 so weights get shapes but no memory, and nothing is trained). The
 timeline trains a small ResNet-18 with ``tfpar-train --strategy=pipeline``
 on 2 logical CPUs, once per schedule, traces 2 steps, and draws the first
-(``tfpar.parallel.pipeline.timeline``). Needs matplotlib.
+(``tfpar.parallel.pipeline.timeline``). ``interleaved`` runs 1F1B (2 stages)
+and interleaved 1F1B (4 stages, 2 a process) on 2 worker processes through
+``tfpar-launch`` and draws each from its summary.json. Needs matplotlib.
 """
 
 import argparse
@@ -63,15 +66,39 @@ def timeline(path):
     return found
 
 
+def interleaved(path, micro=4):
+    """1F1B (2 stages) beside interleaved 1F1B (4 stages, 2 a task) on 2 worker processes, the same M."""
+    from tfpar.parallel.pipeline import timeline as timeline_lib
+
+    found, titles = [], []
+    for stages, schedule in ((2, "1f1b"), (4, "interleaved_1f1b")):
+        with tempfile.TemporaryDirectory() as tmp:
+            command = [sys.executable, "-m", "tfpar.launcher", "--workers", "2", "--timeout", "900", "--",
+                       sys.executable, "-m", "tfpar.cli", "--strategy=pipeline", f"--stages={stages}",
+                       f"--micro_batches={micro}", f"--schedule={schedule}", "--balance=time", "--model=resnet18",
+                       "--width_multiplier=0.25", "--image_size=32", "--batch_size=64", "--epochs=1",
+                       "--steps_per_epoch=5", "--validation_steps=0", "--profile_steps=3,4", "--verbose=0",
+                       "--checkpoint_best=false", "--backup_freq=none", f"--model_dir={tmp}"]
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            with open(os.path.join(tmp, "summary.json")) as f:
+                piped = json.load(f)["pipeline"]
+            found.append(dict(piped["timeline"], bubble_theory=piped["bubble_theory"]))
+            titles.append(f"{schedule}, {stages} stages on 2 processes x {micro} micro-batches")
+    timeline_lib.plot(found, path, titles=titles)
+    return found
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("tables", "timeline"))
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "pipeline_timeline.png"))
+    parser.add_argument("what", choices=("tables", "timeline", "interleaved"))
+    parser.add_argument("--out", help="the PNG (default docs/pipeline_timeline.png, docs/pipeline_interleaved.png)")
     args = parser.parse_args(argv)
+    docs = os.path.join(os.path.dirname(__file__), "..", "docs")
     if args.what == "tables":
         print(tables())
     else:
-        found = timeline(args.out)
+        args.out = args.out or os.path.join(docs, f"pipeline_{args.what}.png")
+        found = (timeline if args.what == "timeline" else interleaved)(args.out)
         print(json.dumps([{k: v for k, v in t.items() if k != "tasks"} for t in found]))
         print(f"wrote {args.out}")
     return 0

@@ -3,7 +3,8 @@
 Not a test module: logical devices must be configured before TensorFlow
 starts, which a shared pytest process cannot promise. ``equivalence`` trains
 pipelines and their unsplit references; ``placement`` trains one pipeline
-with TF's device placement log on (read by the test from stderr).
+with TF's device placement log on (read by the test from stderr);
+``interleaved`` trains interleaved 1F1B against the unsplit model and 1F1B.
 """
 
 import json
@@ -182,10 +183,57 @@ def placement(save):
             "cut": [row["last_layer"] for row in piped.stage_table]}
 
 
+def interleaved(save):
+    """Interleaved 1F1B, 4 stages on 2 CPUs, against the unsplit model and 1F1B on 4 CPUs; what each device holds."""
+    def mlp():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((12,))
+        h = inputs
+        for i in range(4):
+            h = keras.layers.Dense(24, activation="relu", name=f"d{i}")(h)
+        return keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="out")(h), name="mlp")
+
+    rng = np.random.RandomState(0)
+    x, y = rng.rand(BATCH * STEPS, 12).astype("float32"), (np.arange(BATCH * STEPS) % 10).astype("int32")
+
+    def fit(model):
+        compile_(model)
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+
+    out = {}
+    ref = mlp()
+    start = ref.get_weights()
+    fit(ref)
+    runs = {"1f1b": dict(schedule="1f1b", devices=[f"/cpu:{i}" for i in range(4)]),
+            "interleaved_1f1b": dict(schedule="interleaved_1f1b", devices=["/cpu:0", "/cpu:1"])}
+    weights = {}
+    for name, kw in runs.items():
+        model = mlp()
+        piped = pipeline.split(model, stages=4, micro_batches=4, balance="layers", print_fn=None, **kw)
+        fit(piped)
+        weights[name] = model.get_weights()
+        out[name] = {**compare(model, ref.get_weights(), start), "updates": int(piped.optimizer.iterations.numpy()),
+                     "stage_devices": [d[-5:] for d in piped.plan.devices],
+                     "variable_devices": [sorted({w.value.device[-5:] for w in stage.weights})
+                                          for stage in piped.plan.stages]}
+    out["vs_1f1b"] = max_rel(weights["interleaved_1f1b"], weights["1f1b"])
+    # What each device holds while the step is built in schedule order, at M = 8.
+    model = mlp()
+    piped = pipeline.split(model, stages=4, micro_batches=8, schedule="interleaved_1f1b", devices=["/cpu:0", "/cpu:1"],
+                           balance="layers", print_fn=None)
+    piped.plan.trace = stages_lib.Trace()
+    compile_(piped)
+    piped.fit(x[:32], y[:32], batch_size=32, epochs=1, verbose=0)
+    held = piped.plan.trace.held_per_device()
+    out["held"] = [held[(0, d)] for d in range(2)]
+    out["held_per_stage"] = [piped.plan.trace.held()[(0, s)] for s in range(4)]
+    return out
+
+
 if __name__ == "__main__":
     def save(result):
         with open(sys.argv[2] + ".tmp", "w") as f:
             json.dump(result, f)
         os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 
-    save({"equivalence": equivalence, "placement": placement}[MODE](save))
+    save({"equivalence": equivalence, "placement": placement, "interleaved": interleaved}[MODE](save))

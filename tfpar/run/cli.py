@@ -78,13 +78,19 @@ _HELP = {
     "layout_map": "A Keras LayoutMap for --strategy=dtensor: module:function called with a "
                   "keras.distribution.DeviceMesh of --mesh (e.g. keras_hub.models:GemmaBackbone.get_layout_map), "
                   "or a JSON file {{regex: [axis or null, ...]}}; strict, like --layout_rules.",
-    "stages": "Pipeline stages for --strategy=pipeline: consecutive parts of the model, one per device; under a "
+    "stages": "Pipeline stages for --strategy=pipeline: consecutive parts of the model, one per device (with "
+              "--schedule=interleaved_1f1b, stage i on device i mod --pipeline_devices); under a "
               "TF_CONFIG cluster of stages x --pipeline_replicas worker tasks, stage i on worker task i.",
     "micro_batches": "Pipeline micro-batches per step: --batch_size splits into this many x --pipeline_replicas; "
                      "one optimizer update per step.",
-    "schedule": "Pipeline schedule: 1f1b (at most --stages micro-batches of activations per stage) or gpipe.",
+    "schedule": "Pipeline schedule: 1f1b (at most --stages micro-batches of activations per stage), gpipe, or "
+                "interleaved_1f1b (--stages = V x --pipeline_devices, stage s on device s mod D; needs "
+                "--micro_batches >= --stages; bubble (D-1)/(V*M+D-1)).",
     "balance": "Where the pipeline cuts: time (measure each part), flops, params, layers, or CUT,CUT,... "
                "(layer names after which stages end).",
+    "pipeline_devices": "Devices of one pipeline copy, D (default --stages); below --stages only with "
+                        "--schedule=interleaved_1f1b. In a TF_CONFIG cluster the default is its worker tasks / "
+                        "--pipeline_replicas, each task holding --stages / D stages.",
     "pipeline_replicas": "Copies of the pipeline (data parallel over stages x copies devices); each stage's "
                          "gradients are summed over its copies.",
     "worker_times": "Under mirrored/multi_worker: time every replica's step (input wait, compute, wait in the "

@@ -62,6 +62,7 @@ class TrainConfig:
     schedule: str = "1f1b"
     balance: str = "time"
     pipeline_replicas: int = 1
+    pipeline_devices: int | None = None  # D per copy; None: --stages (interleaved_1f1b: the cluster's tasks / copies)
     # stragglers (tfpar.step.stragglers): every replica's times; batches balanced by measured speed
     worker_times: bool = True
     balance_batches: bool = False
@@ -222,7 +223,12 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        pipeline_schedules.check(self.schedule)
+        if self.pipeline_devices is not None and (not isinstance(self.pipeline_devices, int) or isinstance(
+                self.pipeline_devices, bool) or self.pipeline_devices < 1):
+            raise ValueError(f"pipeline_devices must be a positive integer, got {self.pipeline_devices!r}.")
+        interleaved = self.schedule == "interleaved_1f1b"  # without --pipeline_devices, only M >= S is checked here
+        pipeline_schedules.check_shape(self.schedule, self.stages,
+                                       self.pipeline_devices or (1 if interleaved else self.stages), self.micro_batches)
         balance.check(self.balance)
         if self.grad_accum_steps > 1:
             raise ValueError("grad_accum_steps does not apply to --strategy=pipeline; its --micro_batches already "

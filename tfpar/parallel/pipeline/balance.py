@@ -9,6 +9,7 @@ Parameters are a poor guide for AlexNet and VGG: the dense layers hold most
 weights while the convolutions do most of the work (docs/pipeline.md).
 """
 
+import itertools
 import math
 import time
 
@@ -57,6 +58,32 @@ def best_partition(costs, stages):
         counts.append(j - i)
         j = i
     return counts[::-1], float(best[stages][n])
+
+
+def best_round_robin(costs, stages, devices, limit=200_000):
+    """Cuts for stages placed round-robin on ``devices`` (stage s on device s mod D), minimising the busiest
+    device's summed cost, then the slowest stage.
+
+    Interleaved 1F1B keeps each device busy with all of its V stages, so the
+    busiest device sets the step time. Exact by enumerating the contiguous
+    partitions when there are at most ``limit`` of them; beyond that, the
+    stage DP (``best_partition``). Returns ``(counts, busiest device's cost)``.
+    """
+    n = len(costs)
+    if devices >= stages or math.comb(n - 1, stages - 1) > limit:
+        counts, _ = best_partition(costs, stages)
+    else:
+        prefix = np.concatenate([[0.0], np.cumsum(np.asarray(costs, dtype=float))]).tolist()
+        best_key, counts = None, None
+        for cuts in itertools.combinations(range(1, n), stages - 1):
+            bounds = (0,) + cuts + (n,)
+            sums = [prefix[b] - prefix[a] for a, b in zip(bounds, bounds[1:])]
+            key = (max(sum(sums[d::devices]) for d in range(devices)), max(sums))
+            if best_key is None or key < best_key:
+                best_key, counts = key, [b - a for a, b in zip(bounds, bounds[1:])]
+    starts = np.cumsum([0] + counts[:-1])
+    sums = [float(sum(costs[a:a + c])) for a, c in zip(starts, counts)]
+    return counts, max(sum(sums[d::devices]) for d in range(devices))
 
 
 def layer_flops(layer):
@@ -167,4 +194,20 @@ def format_table(rows):
         cut = f"{r['cut_bytes_per_image'] / 1024:.1f}" if r["cut_bytes_per_image"] is not None else "-"
         lines.append(f"{r['stage']:>5} {r['device'][-28:]:<28} {r['layers']:>6} {r['params']:>12,} "
                      f"{r['flops_per_image'] / 1e6:>11.2f} {ms:>9} {cut:>10}  {r['first_layer']}..{r['last_layer']}")
+    for device, held in per_device(rows).items():
+        if len(held) > 1:
+            ms = [r["ms"] for r in rows if r["device"] == device]
+            total = f", {sum(ms):.2f} ms" if None not in ms else ""
+            lines.append(f"device {device[-28:]} holds stages {', '.join(map(str, held))}: "
+                         f"{sum(r['params'] for r in rows if r['device'] == device):,} params"
+                         f", {sum(r['flops_per_image'] for r in rows if r['device'] == device) / 1e6:.2f} "
+                         f"MFLOPs/img{total}")
     return "\n".join(lines)
+
+
+def per_device(rows):
+    """``{device: [stage, ...]}`` of a stage table: interleaved 1F1B puts several stages on one device."""
+    found = {}
+    for r in rows:
+        found.setdefault(r["device"], []).append(r["stage"])
+    return found

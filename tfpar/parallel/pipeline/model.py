@@ -24,12 +24,13 @@ class Plan:
 
     stages: list  # keras functional models sharing the original's layers
     weights: list  # per stage, its trainable weights
-    devices: list  # replicas x stages device names; copy r's stage s at r * S + s
+    devices: list  # replicas x stages device names; copy r's stage s at r * S + s (repeats when interleaved)
     schedule: str
     micro_batches: int
     replicas: int
     table: list  # the stage table (tfpar.parallel.pipeline.balance.table)
     trace: object = None  # a stages.Trace when the build is instrumented
+    devices_per_copy: int = None  # D; interleaved_1f1b puts stage s on device s mod D (default D = stages)
 
 
 class PipelineModel(keras.Model):

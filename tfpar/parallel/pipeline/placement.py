@@ -3,19 +3,22 @@
 import tensorflow as tf
 
 
-def resolve(devices, count):
-    """``count`` device names: ``devices`` as given, else the local GPUs, else the logical CPUs."""
+def resolve(devices, count, what="stages x replicas"):
+    """``count`` device names: ``devices`` as given, else the local GPUs, else the logical CPUs.
+
+    ``what`` says where ``count`` comes from, for the error.
+    """
     if devices is None:
         found = [d.name for d in tf.config.list_logical_devices("GPU")] or \
                 [d.name for d in tf.config.list_logical_devices("CPU")]
         if len(found) < count:
             raise ValueError(
-                f"The pipeline needs {count} devices (stages x replicas) but this process has {len(found)}; "
+                f"The pipeline needs {count} devices ({what}) but this process has {len(found)}; "
                 f"use fewer stages or replicas, or split the CPU with virtual_cpus={count}.")
         return found[:count]
     devices = list(devices)
     if len(devices) != count:
-        raise ValueError(f"devices must name stages x replicas = {count} devices, got {len(devices)}: {devices}.")
+        raise ValueError(f"devices must name {what} = {count} devices, got {len(devices)}: {devices}.")
     return devices
 
 

@@ -6,9 +6,10 @@ the gradients of the stage's output, seeded with the gradient that came back
 from the next stage (``output_gradients``), again under the stage's device:
 ``GradientTape.gradient`` otherwise places the whole backward where it is
 called (tensorflow/tensorflow#33688). A stage's tasks are chained with
-control dependencies in the schedule's order, so the order, and with it the
-number of micro-batches whose activations a stage holds, is the schedule's,
-not whatever the executor picks.
+control dependencies in the schedule's order (per device, where the
+interleaved schedule puts several stages on one), so the order, and with it
+the number of micro-batches whose activations a device holds, is the
+schedule's, not whatever the executor picks.
 
 The loss of micro-batch m is scaled by 1 / (M x copies) and by the
 optimizer's loss scale (``LossScaleOptimizer`` under ``mixed_float16``), so
@@ -24,17 +25,23 @@ from tfpar.step import pieces
 
 
 class Trace:
-    """What a built step did, for tests and reports: the tasks in build order per (copy, stage)."""
+    """What a built step did, for tests and reports: the tasks in build order per (copy, stage) and per
+    (copy, device index)."""
 
     def __init__(self):
-        self.tasks = {}
+        self.tasks, self.device_tasks = {}, {}
 
-    def record(self, copy, stage, task):
+    def record(self, copy, stage, task, device=None):
         self.tasks.setdefault((copy, stage), []).append(task)
+        self.device_tasks.setdefault((copy, stage if device is None else device), []).append(task)
 
     def held(self):
         """Per (copy, stage): the most micro-batches whose activations were held at once."""
         return {key: schedules.in_flight([order])[0] for key, order in self.tasks.items()}
+
+    def held_per_device(self):
+        """Per (copy, device index): the most stage activations its stages held at once."""
+        return {key: schedules.in_flight([order])[0] for key, order in self.device_tasks.items()}
 
 
 def _regularization(stage_model):
@@ -55,14 +62,16 @@ def run(model, plan, parts, trace=None):
     tapes, activations, upstream, last_ops = {}, {}, {}, {}
     summed = {}  # (copy, stage) -> list of per-weight gradient sums
     data_losses, reg_values, predictions = [], {}, {}
-    for tick in schedules.ticks(schedules.orders(plan.schedule, S, M)):
+    per_copy = plan.devices_per_copy or S  # interleaved: V stages per device; each device runs one task at a time
+    for tick in schedules.ticks(schedules.orders(plan.schedule, S, M, per_copy)):
         for kind, s, m in tick:
             for r in range(D):
                 device, stage = plan.devices[r * S + s], plan.stages[s]
-                deps = last_ops.get((r, s), [])
+                lane = (r, schedules.device_of(s, per_copy))
+                deps = last_ops.get(lane, [])
                 prefix = f"copy{r}_" if D > 1 else ""  # op names say stage, task and micro-batch (timelines)
                 if trace is not None:
-                    trace.record(r, s, (kind, s, m))
+                    trace.record(r, s, (kind, s, m), lane[1])
                 x, y, sw = parts[m * D + r]
                 if kind == "F":
                     inputs = x if s == 0 else activations.pop((r, s - 1, m))
@@ -86,7 +95,7 @@ def run(model, plan, parts, trace=None):
                     tapes[(r, s, m)] = (tape, inputs, out, objective)
                     if s < S - 1:
                         activations[(r, s, m)] = out
-                    last_ops[(r, s)] = [out]
+                    last_ops[lane] = [out]
                 else:
                     tape, inputs, out, objective = tapes.pop((r, s, m))
                     weights = plan.weights[s]
@@ -100,7 +109,7 @@ def run(model, plan, parts, trace=None):
                                 targets.append(objective)
                                 seeds.append(tf.ones_like(objective))
                             grads = tape.gradient(targets, sources, output_gradients=seeds)
-                        last_ops[(r, s)] = [tf.group(*[g for g in grads if g is not None] or [out])]
+                        last_ops[lane] = [tf.group(*[g for g in grads if g is not None] or [out])]
                         if s > 0:
                             upstream[(r, s - 1, m)] = grads[0]
                             grads = grads[1:]

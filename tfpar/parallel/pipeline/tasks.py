@@ -3,7 +3,9 @@
 Worker task 0 (the chief) connects its eager context to the cluster
 (``tf.config.experimental_connect_to_cluster``), so the other tasks' devices
 (``/job:worker/replica:0/task:<i>/device:CPU:0``) are its devices too; the
-in-process pipeline then puts stage s of copy r on task ``r * S + s`` and
+in-process pipeline then puts stage s of copy r on task ``r * S + s`` (with
+interleaved 1F1B on D tasks a copy, on task ``r * D + s mod D``: V = S / D
+stages a task) and
 TensorFlow's own runtime moves the activations and their gradients between
 tasks (send/recv inside the step's function). The other tasks run only a
 ``tf.distribute.Server``: the chief, the one client, owns every
@@ -26,9 +28,16 @@ JOB = "worker"
 STAGE_TRACES = "stage_traces"  # under model_dir: the stage tasks' profiler traces (``StageTrace``)
 
 
-def stage_of(info, stages):
-    """``(copy, stage)`` that task ``info`` runs."""
-    return divmod(info.task_index, stages)
+def stages_of(task, stages, per_copy=None):
+    """``(copy, [stage, ...])`` that worker ``task`` runs: one stage, or with interleaved 1F1B
+    (``per_copy`` = D tasks a copy) stages d, d + D, ... of its copy."""
+    per_copy = per_copy or stages
+    copy, device = divmod(task, per_copy)
+    return copy, list(range(device, stages, per_copy))
+
+
+def _named(held):
+    return f"stage {held[0]}" if len(held) == 1 else f"stages {', '.join(map(str, held))}"
 
 
 def chief(info):
@@ -36,10 +45,10 @@ def chief(info):
     return info.cluster_spec[JOB][0]
 
 
-def announcement(info, stages):
+def announcement(info, stages, per_copy=None):
     """What a stage task's server says (``runtime.server.serve``'s ``line``; it fills in ``{target}``)."""
-    copy, stage = stage_of(info, stages)
-    return (f"pipeline: {info.task_name} serves stage {stage} of copy {copy} at {{target}}; "
+    copy, held = stages_of(info.task_index, stages, per_copy)
+    return (f"pipeline: {info.task_name} serves {_named(held)} of copy {copy} at {{target}}; "
             f"worker-0 ({chief(info)}) drives the run")
 
 
@@ -56,15 +65,15 @@ def devices(info, count):
     return found
 
 
-def heartbeat_tasks(info, stage_devices, stages):
+def heartbeat_tasks(info, stage_devices, stages, per_copy=None):
     """``{name: device}`` of every stage task but this one: what ``runtime.peers.Heartbeat`` pings and, for a
     task that stops answering, names."""
     found = {}
     for task, device in enumerate(stage_devices):
         if task == info.task_index:
             continue
-        copy, stage = divmod(task, stages)
-        found[f"pipeline task worker-{task} ({info.cluster_spec[JOB][task]}, stage {stage} of copy {copy})"] = device
+        copy, held = stages_of(task, stages, per_copy)
+        found[f"pipeline task worker-{task} ({info.cluster_spec[JOB][task]}, {_named(held)} of copy {copy})"] = device
     return found
 
 

@@ -20,11 +20,26 @@ def in_cluster(info):
     return bool(info.cluster_spec) and info.source != "tpu"
 
 
-def check_cluster(spec, stages, replicas):
+def devices_per_copy(config, info):
+    """D, the devices (tasks, in a cluster) of one pipeline copy: ``--pipeline_devices``, else ``--stages``;
+    interleaved 1F1B in a cluster: its worker tasks / copies. One sentence when interleaved has neither."""
+    from tfpar.parallel.pipeline import tasks
+
+    if config.pipeline_devices:
+        return config.pipeline_devices
+    if config.schedule != "interleaved_1f1b":
+        return config.stages
+    if in_cluster(info):
+        return max(1, len(info.cluster_spec.get(tasks.JOB, [])) // config.pipeline_replicas)
+    raise ValueError("--schedule=interleaved_1f1b puts several stages on each device; say how many devices with "
+                     "--pipeline_devices=D (--stages = V x D).")
+
+
+def check_cluster(spec, stages, replicas, per_copy=None):
     """One sentence (``ValueError``) for a cluster the pipeline cannot use."""
     from tfpar.parallel.pipeline import tasks
 
-    need = stages * replicas
+    need = (per_copy or stages) * replicas
     if "ps" in spec:
         raise ValueError(f"--strategy=pipeline runs its stages on worker tasks, but the cluster has a ps job "
                          f"({len(spec['ps'])} task(s)); use a cluster of {need} worker task(s) and no ps.")
@@ -34,7 +49,9 @@ def check_cluster(spec, stages, replicas):
                          f"cluster also has a {others[0]} job; list all {need} task(s) under 'worker'.")
     workers = len(spec.get(tasks.JOB, []))
     if workers != need:
-        raise ValueError(f"--strategy=pipeline with --stages={stages} x --pipeline_replicas="
+        shape = f"--stages={stages}" if (per_copy or stages) == stages else \
+            f"--stages={stages} on --pipeline_devices={per_copy}"
+        raise ValueError(f"--strategy=pipeline with {shape} x --pipeline_replicas="
                          f"{replicas} needs exactly {need} worker task(s), one per stage copy, "
                          f"but the cluster has {workers}.")
 
@@ -46,8 +63,12 @@ class Pipeline(KerasFit):
         self.heartbeat = None  # in a cluster: the chief's peers.Heartbeat on the stage tasks
 
     def check(self):
+        from tfpar.parallel.pipeline import schedules
+
+        config, per_copy = self.config, devices_per_copy(self.config, self.info)
         if in_cluster(self.info):
-            check_cluster(self.info.cluster_spec, self.config.stages, self.config.pipeline_replicas)
+            check_cluster(self.info.cluster_spec, config.stages, config.pipeline_replicas, per_copy)
+        schedules.check_shape(config.schedule, config.stages, per_copy, config.micro_batches)
 
     def serves(self):
         return in_cluster(self.info) and not self.info.is_chief
@@ -57,7 +78,7 @@ class Pipeline(KerasFit):
         from tfpar.runtime import server
 
         server.serve(self.info, until_gone=tasks.chief(self.info), print_fn=self.print_fn,
-                     line=tasks.announcement(self.info, self.config.stages))  # exits once the chief is done
+                     line=tasks.announcement(self.info, self.config.stages, devices_per_copy(self.config, self.info)))  # exits once the chief is done
 
     def _make_strategy(self):
         """TF's default strategy, after splitting the CPU into stages x copies devices when there is no GPU.
@@ -71,12 +92,14 @@ class Pipeline(KerasFit):
         from tfpar.parallel.pipeline import tasks
         from tfpar.runtime import peers
 
-        config, count = self.config, self.config.stages * self.config.pipeline_replicas
+        config, per_copy = self.config, devices_per_copy(self.config, self.info)
+        count = per_copy * config.pipeline_replicas
         if in_cluster(self.info):
             peers.connect(self.info, config.cluster_timeout, "the pipeline's stage tasks")
             self.stage_devices = tasks.devices(self.info, count)
-            self.heartbeat = peers.Heartbeat(self.info, tasks.heartbeat_tasks(self.info, self.stage_devices, config.stages),
-                                             peers.heartbeat_timeout(config.cluster_timeout))
+            self.heartbeat = peers.Heartbeat(
+                self.info, tasks.heartbeat_tasks(self.info, self.stage_devices, config.stages, per_copy),
+                peers.heartbeat_timeout(config.cluster_timeout))
             return tf.distribute.get_strategy()
         if config.virtual_cpus is not None or tf.config.list_physical_devices("GPU"):
             count = config.virtual_cpus
@@ -96,7 +119,8 @@ class Pipeline(KerasFit):
         config = self.config
         return pipeline.split(model, stages=config.stages, micro_batches=config.micro_batches,
                               schedule=config.schedule, balance=config.balance, replicas=config.pipeline_replicas,
-                              devices=self.stage_devices, batch_size=global_batch, print_fn=self.print_fn)
+                              devices=self.stage_devices, batch_size=global_batch, print_fn=self.print_fn,
+                              pipeline_devices=devices_per_copy(config, self.info))
 
     def _more_callbacks(self):
         """In a cluster with ``--profile_steps``: the callback that traces the stage tasks too."""
@@ -121,7 +145,9 @@ class Pipeline(KerasFit):
     def name(self):
         config = self.config
         copies = f" ×{config.pipeline_replicas} copies" if config.pipeline_replicas > 1 else ""
-        return f"pipeline {config.stages} stages{copies}, {config.micro_batches} micro-batches ({config.schedule})"
+        per_copy = devices_per_copy(config, self.info)
+        on = f" on {per_copy} devices" if per_copy != config.stages else ""
+        return f"pipeline {config.stages} stages{on}{copies}, {config.micro_batches} micro-batches ({config.schedule})"
 
     def guard(self):
         from tfpar.runtime import peers
@@ -137,22 +163,25 @@ class Pipeline(KerasFit):
         from tfpar.parallel.pipeline import schedules, tasks, timeline
 
         config, measured = self.config, None
+        per_copy = model.plan.devices_per_copy or config.stages
         remote = trace.find(os.path.join(self.model_dir, tasks.STAGE_TRACES))  # the stage tasks' traces
         for path in trace.find(self.model_dir):
             if path in remote:
                 continue
             try:
-                measured = timeline.read(path, other_tasks=remote)
+                measured = timeline.read(path, other_tasks=remote,
+                                         devices=per_copy if per_copy != config.stages else None)
             except ValueError as err:
                 log.info("no pipeline timeline in %s: %s", path, err)
         return {
             "stages": config.stages, "micro_batches": config.micro_batches, "schedule": config.schedule,
+            "devices_per_copy": per_copy,
             "balance": config.balance, "replicas": config.pipeline_replicas, "devices": model.plan.devices,
             "stage_table": model.stage_table,
             # Where TF holds each variable (model and optimizer slots): in a cluster, on each stage's task.
             "variable_devices": _count_devices(model.original.weights),
             "optimizer_variable_devices": _count_devices(model.optimizer.variables),
-            "bubble_theory": round(schedules.bubble(config.stages, config.micro_batches), 4),
+            "bubble_theory": round(schedules.bubble(config.stages, config.micro_batches, per_copy), 4),
             "bubble_measured": measured["bubble"] if measured else None,  # needs --profile_steps
             "timeline": measured,
         }
