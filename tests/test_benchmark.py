@@ -80,8 +80,12 @@ def test_plain_scaling_compares_buckets_with_keras_single_all_reduce_and_the_cei
 
 @pytest.mark.parametrize("suite", ["default", "quick"])
 def test_pipeline_compares_two_traced_stages_with_one_device(suite):
-    one, m4, m8 = benchmark.suites(suite)["pipeline"]
+    one, m4, m8, *interleaved = benchmark.suites(suite)["pipeline"]
     assert one["strategy"] == "one_device" and (m4["virtual_cpus"], m8["virtual_cpus"]) == (2, 2)
+    # 1F1B on 2 stages beside interleaved 1F1B on 4 stages (2 a device), at the same micro-batches
+    assert [c["train_options"]["schedule"] for c in interleaved] == ["1f1b", "interleaved_1f1b"]
+    assert [c["train_options"]["stages"] for c in interleaved] == [2, 4]
+    assert len({c["train_options"]["micro_batches"] for c in interleaved}) == 1
     assert [c["train_options"]["micro_batches"] for c in (m4, m8)] == [4, 8]
     assert all(c["pipeline_trace"] and c["train_options"]["schedule"] == "gpipe" for c in (m4, m8))
     assert benchmark.examples_per_step(m4) == benchmark.examples_per_step(one)  # the same batch per step
