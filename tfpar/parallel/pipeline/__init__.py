@@ -1,12 +1,13 @@
 """Pipeline (layer) parallelism for Keras 3 on the devices of one process.
 
 ``split(model, stages=S, micro_batches=M)`` cuts a functional or Sequential
-model into S consecutive stages on S devices and returns a ``keras.Model``
+model (several inputs and outputs, nested functional models such as a
+keras-hub backbone opened up) into S consecutive stages on S devices and returns a ``keras.Model``
 that trains them as a pipeline: each step splits its batch into M
 micro-batches, runs them through the stages in the GPipe or 1F1B order,
 sums the gradients and makes one optimizer update. See docs/pipeline.md.
 
-Modules: ``partition`` (where a model can be cut), ``balance`` (costs and
+Modules: ``graph`` (the model as a flat list of ops), ``partition`` (where a model can be cut), ``balance`` (costs and
 the exact best cuts), ``schedules`` (task orders), ``stages`` (one step's
 graph), ``placement`` (devices), ``model`` (the Keras model), ``driver``
 (``tfpar-train --strategy=pipeline``).
@@ -59,7 +60,8 @@ def split(model, stages=2, micro_batches=4, schedule="1f1b", balance="time", dev
 
     Args:
       model: a built functional or Sequential Keras model (e.g. any
-        ``tfpar.models`` builder). Its layers and weights are shared.
+        ``tfpar.models`` builder, or a model around a keras-hub backbone,
+        with dict inputs). Its layers and weights are shared.
       stages: S, the number of consecutive stages (and devices per copy).
       micro_batches: M, micro-batches per step; the batch must divide by M x replicas.
       schedule: ``"1f1b"`` (at most S micro-batches' activations per stage) or ``"gpipe"``.
@@ -92,6 +94,7 @@ def split(model, stages=2, micro_batches=4, schedule="1f1b", balance="time", dev
     weights = [list(m.trainable_weights) for m in stage_models]
     for s, stage_model in enumerate(stage_models):
         placement.move_variables(stage_model.variables, devices[s])
+    partition.check_per_example(stage_models, devices[:stages], model.name)
     plan = Plan(stage_models, weights, devices, schedule, micro_batches, replicas, table)
     if print_fn:
         print_fn(f"pipeline: {stages} stage(s) x {replicas} copy(ies), {micro_batches} micro-batches, "
