@@ -80,6 +80,9 @@ def test_transformer_mistakes_are_one_sentence():
     with pytest.raises(ValueError, match=r"Output 'b' of model 'mixing' for one example changes with the other "
                                          r"examples in its batch.*BatchNormalization is allowed"):
         pipeline.split(mixing, stages=2, balance="layers", devices=CPU2)
+    inner = keras.Model(x, keras.layers.Dense(4, name="d")(x), name="inner")
+    with pytest.raises(ValueError, match=r"Layer 'inner' is called more than once in 'twice' \(shared or tied"):
+        partition.units(keras.Model(x, inner(inner(x)), name="twice"))
     bn = keras.layers.BatchNormalization(name="bn")(h)
     normed = keras.Model(x, keras.layers.Dense(2, name="c")(bn), name="normed")
     assert pipeline.split(normed, stages=2, balance="layers", devices=CPU2, print_fn=None).plan.stages

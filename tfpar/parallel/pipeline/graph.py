@@ -114,7 +114,8 @@ def flatten(model):
     def walk(fn, path):
         for node in _nodes(fn):
             layer = node.operation
-            feeds = _nested_inputs(layer, node) if _is_functional(layer) else None
+            once = len(getattr(layer, "_inbound_nodes", ())) == 1  # a model called twice stays one op (refused)
+            feeds = _nested_inputs(layer, node) if _is_functional(layer) and once else None
             if feeds is not None:
                 for inner, outer in zip(layer.inputs, feeds):
                     alias[id(inner)] = outer
@@ -124,7 +125,7 @@ def flatten(model):
                 if ops:
                     nested[layer.name] = ops[-1]
                 continue
-            ops.append(Op(layer, node, path + [layer.name], [key(t) for t in node.input_tensors], None))
+            ops.append(Op(layer, node, path + [layer.name], [], []))  # keys once every alias is known
 
     walk(model, [])
     counts = {}
