@@ -116,6 +116,10 @@ def measure(case):
         import bench_keras_distribution
 
         return bench_keras_distribution.measure(case, _window_timer)
+    if kind == "hub_pipeline":  # a keras-hub Gemma, pipelined across processes (scripts/bench_pipeline_transformers.py)
+        import bench_pipeline_transformers
+
+        return bench_pipeline_transformers.measure(case, _window_timer)
     if kind == "tfpar":
         return _measure_tfpar(case)
     return _measure_plain(case, tf_keras=(kind == "tf_keras"))
@@ -408,6 +412,7 @@ def suites(name):
         # One stage per process vs data parallel on the same 2 one-core processes and global batch:
         # the pipeline sends activations at one cut; data parallel all-reduces every gradient (ratios per process).
         "pipeline_vs_data_parallel": [c for model in ("vgg16_bn", "resnet50") for c in _stage_vs_data(model, quick)],
+        "pipeline_transformers": _transformer_cases(quick),
         "stragglers": stragglers_cases(base, quick),
         "precision": [dict(r50, name="resnet50 float32", kind="tfpar"),
                       dict(r50, name="resnet50 mixed_bfloat16", kind="tfpar", precision="mixed_bfloat16")],
@@ -421,6 +426,12 @@ def suites(name):
                 dict(r18, name="resnet18 mirrored x2, jit on", kind="tfpar", strategy="mirrored", virtual_cpus=2,
                      jit_compile="on", windows=2)],
     }
+
+
+def _transformer_cases(quick):
+    import bench_pipeline_transformers  # tokens/sec of a small keras-hub Gemma, 1 process vs 2 stages
+
+    return bench_pipeline_transformers.cases(quick)
 
 
 def _stage_vs_data(model, quick):

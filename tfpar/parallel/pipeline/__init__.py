@@ -1,13 +1,15 @@
 """Pipeline (layer) parallelism for Keras 3 on the devices of one process.
 
 ``split(model, stages=S, micro_batches=M)`` cuts a functional or Sequential
-model into S consecutive stages on S devices (or V stages on each of D
-devices for interleaved 1F1B) and returns a ``keras.Model`` that trains
-them as a pipeline: each step splits its batch into M micro-batches, runs
-them through the stages in the GPipe, 1F1B or interleaved 1F1B order,
+model (several inputs and outputs, nested functional models such as a
+keras-hub backbone opened up) into S consecutive stages on S devices (or V
+stages on each of D devices for interleaved 1F1B) and returns a
+``keras.Model`` that trains them as a pipeline: each step splits its batch
+into M micro-batches, runs them through the stages in the GPipe, 1F1B or
+interleaved 1F1B order,
 sums the gradients and makes one optimizer update. See docs/pipeline.md.
 
-Modules: ``partition`` (where a model can be cut), ``balance`` (costs and
+Modules: ``graph`` (the model as a flat list of ops), ``partition`` (where a model can be cut), ``balance`` (costs and
 the exact best cuts), ``schedules`` (task orders), ``stages`` (one step's
 graph), ``placement`` (devices), ``model`` (the Keras model), ``driver``
 (``tfpar-train --strategy=pipeline``).
@@ -65,7 +67,8 @@ def split(model, stages=2, micro_batches=4, schedule="1f1b", balance="time", dev
 
     Args:
       model: a built functional or Sequential Keras model (e.g. any
-        ``tfpar.models`` builder). Its layers and weights are shared.
+        ``tfpar.models`` builder, or a model around a keras-hub backbone,
+        with dict inputs). Its layers and weights are shared.
       stages: S, the number of consecutive stages (and devices per copy).
       micro_batches: M, micro-batches per step; the batch must divide by M x replicas.
       schedule: ``"1f1b"`` (at most S micro-batches' activations per stage), ``"gpipe"``, or
@@ -105,6 +108,7 @@ def split(model, stages=2, micro_batches=4, schedule="1f1b", balance="time", dev
     weights = [list(m.trainable_weights) for m in stage_models]
     for s, stage_model in enumerate(stage_models):
         placement.move_variables(stage_model.variables, devices[s])
+    partition.check_per_example(stage_models, devices[:stages], model.name)
     plan = Plan(stage_models, weights, devices, schedule, micro_batches, replicas, table, devices_per_copy=per_copy)
     if print_fn:
         on = f" on {per_copy} device(s)" if per_copy != stages else ""

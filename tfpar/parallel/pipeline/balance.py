@@ -86,35 +86,48 @@ def best_round_robin(costs, stages, devices, limit=200_000):
     return counts, max(sum(sums[d::devices]) for d in range(devices))
 
 
-def layer_flops(layer):
-    """Forward multiply-adds x 2 per image of one layer (convolutions and dense exactly, others ~1 per output)."""
+def _size(shape):
+    return int(np.prod([d for d in shape[1:] if d is not None])) if len(shape) > 1 else 1
+
+
+def op_flops(op, specs):
+    """Forward multiply-adds x 2 per example of one op (``partition.Unit.ops``).
+
+    Convolutions and dense layers exactly; any other layer with weights as
+    2 x weights x positions (a transformer block's matmuls, attention scores
+    left out); embeddings and weightless ops ~1 per output value.
+    """
     import keras
 
+    layer = op.layer
     own = getattr(layer, "flops_per_example", None)  # a block that counts itself (tfpar.models.vit.EncoderBlock)
     if callable(own):
         return int(own())
-    out = layer.output.shape[1:]
-    outputs = int(np.prod([d for d in out if d is not None])) if out else 1
-    if isinstance(layer, keras.layers.Conv2D):
+    outs = [specs[k] for k in op.outputs]
+    outputs = sum(_size(t.shape) for t in outs)
+    first_in = specs[op.inputs[0]] if op.inputs else None
+    if isinstance(layer, keras.layers.Conv2D) and first_in is not None:
         kh, kw = layer.kernel_size
-        cin = layer.input.shape[-1] // layer.groups
-        return 2 * outputs * kh * kw * cin
-    if isinstance(layer, keras.layers.Dense):
-        return 2 * outputs * layer.input.shape[-1]
+        return 2 * outputs * kh * kw * (first_in.shape[-1] // layer.groups)
+    if isinstance(layer, keras.layers.Dense) and first_in is not None:
+        return 2 * outputs * first_in.shape[-1]
+    if getattr(layer, "weights", None) and not isinstance(layer, keras.layers.Embedding) and outs:
+        positions = int(np.prod([d for d in outs[0].shape[1:-1] if d is not None])) if len(outs[0].shape) > 2 else 1
+        return 2 * layer_params(layer) * positions
     return outputs
 
 
 def layer_params(layer):
-    return int(sum(np.prod(w.shape) for w in layer.weights))
+    return int(sum(np.prod(w.shape) for w in getattr(layer, "weights", ())))
 
 
 def unit_costs(unit_list, kind):
     """Per-unit cost for ``kind`` in ``("flops", "params", "layers")``."""
     if kind == "flops":
-        return [sum(layer_flops(l) for l in u.layers) for u in unit_list]
+        return [sum(op_flops(op, u.graph.specs) for op in u.ops) for u in unit_list]
     if kind == "params":
         return [sum(layer_params(l) for l in u.layers) for u in unit_list]
-    return [sum(1 for l in u.layers if l.weights) or 0.0 for u in unit_list]
+    return [sum(1 for l in u.layers if getattr(l, "weights", None)) or 0.0 for u in unit_list]
 
 
 def time_units(unit_list, micro_batch, device, repeats=3):
@@ -132,30 +145,47 @@ def time_units(unit_list, micro_batch, device, repeats=3):
         segment = partition.segment_model(unit_list, i, i, name=f"timed_unit{i}")
         saved = [v.numpy() for v in segment.non_trainable_variables]
         weights = segment.trainable_weights
-        shape = (micro_batch,) + tuple(unit.input.shape[1:])
-        dtype = unit.input.dtype
+        specs = [unit.graph.specs[k] for k in unit.input]
+        for spec in specs:
+            if None in tuple(spec.shape)[1:]:
+                raise ValueError(f"balance='time' needs fixed input shapes, but a tensor entering "
+                                 f"{unit.names[0]!r} has shape {tuple(spec.shape)}; give the model's keras.Input "
+                                 f"a fixed size (e.g. the sequence length) or use balance='flops'.")
 
         @tf.function
-        def forward_backward(x):
+        def forward_backward(xs):
+            floats = [x for x in xs if x.dtype.is_floating]
             with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = segment(x, training=True)
-                loss = tf.reduce_sum(tf.cast(y, tf.float32))
-            return tape.gradient(loss, [x] + list(weights))
+                tape.watch(floats)
+                ys = segment(xs, training=True)
+                loss = tf.add_n([tf.reduce_sum(tf.cast(y, tf.float32)) for y in ys if y.dtype.is_floating])
+            return tape.gradient(loss, floats + list(weights))
 
         with tf.device(device):
-            x = tf.cast(tf.random.normal(shape), dtype) if "float" in str(dtype) else tf.zeros(shape, dtype)
-            forward_backward(x)  # trace and warm up
+            xs = tuple(partition.graph_lib.example(spec, micro_batch) for spec in specs)
+            forward_backward(xs)  # trace and warm up
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
-                out = forward_backward(x)
-                [o.numpy() for o in out if o is not None]  # wait for the result
+                out = forward_backward(xs)
+                [o.numpy() for o in out if o is not None and not isinstance(o, tf.IndexedSlices)]
                 times.append(time.perf_counter() - start)
         for v, value in zip(segment.non_trainable_variables, saved):
             v.assign(value)
         result.append(1000 * float(np.median(times)))
     return result
+
+
+def cut_bytes(unit, dtype_bytes=None):
+    """Bytes per example of every tensor crossing the cut after ``unit`` (``None`` if a size is unknown)."""
+    total = 0
+    for k in unit.output:
+        spec = unit.graph.specs[k]
+        if None in tuple(spec.shape)[1:]:
+            return None
+        width = np.dtype(_np_dtype(spec.dtype)).itemsize
+        total += _size(spec.shape) * (dtype_bytes if dtype_bytes and "float" in str(spec.dtype) else width)
+    return total
 
 
 def table(unit_list, counts, devices, dtype_bytes=None, times=None):
@@ -164,15 +194,13 @@ def table(unit_list, counts, devices, dtype_bytes=None, times=None):
     for s, count in enumerate(counts):
         chunk = unit_list[start:start + count]
         layers = [l for u in chunk for l in u.layers]
-        out = chunk[-1].output
-        crossing = None
-        if s < len(counts) - 1:
-            size = int(np.prod(out.shape[1:]))
-            crossing = size * (dtype_bytes or np.dtype(_np_dtype(out.dtype)).itemsize)
+        names = [n for u in chunk for n in u.names]
+        crossing = cut_bytes(chunk[-1], dtype_bytes) if s < len(counts) - 1 else None
         rows.append({
-            "stage": s, "device": devices[s], "first_layer": layers[0].name, "last_layer": layers[-1].name,
-            "layers": len(layers), "params": sum(layer_params(l) for l in layers),
-            "flops_per_image": sum(layer_flops(l) for l in layers),
+            "stage": s, "device": devices[s], "first_layer": names[0], "last_layer": names[-1],
+            "layers": len(layers), "params": sum(layer_params(l) for l in {id(l): l for l in layers}.values()),
+            "flops_per_image": sum(op_flops(op, u.graph.specs) for u in chunk for op in u.ops),
+            "cut_tensors": len(chunk[-1].output) if s < len(counts) - 1 else 0,
             "ms": round(sum(times[start:start + count]), 3) if times else None,
             "cut_bytes_per_image": crossing,
         })
@@ -191,7 +219,8 @@ def format_table(rows):
     lines = [head]
     for r in rows:
         ms = f"{r['ms']:.2f}" if r["ms"] is not None else "-"
-        cut = f"{r['cut_bytes_per_image'] / 1024:.1f}" if r["cut_bytes_per_image"] is not None else "-"
+        cut = "-" if r["stage"] == len(rows) - 1 else "?" if r["cut_bytes_per_image"] is None else \
+            f"{r['cut_bytes_per_image'] / 1024:.1f}" + (f" ({r['cut_tensors']})" if r.get("cut_tensors", 1) > 1 else "")
         lines.append(f"{r['stage']:>5} {r['device'][-28:]:<28} {r['layers']:>6} {r['params']:>12,} "
                      f"{r['flops_per_image'] / 1e6:>11.2f} {ms:>9} {cut:>10}  {r['first_layer']}..{r['last_layer']}")
     for device, held in per_device(rows).items():

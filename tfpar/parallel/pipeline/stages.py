@@ -9,7 +9,9 @@ called (tensorflow/tensorflow#33688). A stage's tasks are chained with
 control dependencies in the schedule's order (per device, where the
 interleaved schedule puts several stages on one), so the order, and with it
 the number of micro-batches whose activations a device holds, is the
-schedule's, not whatever the executor picks.
+schedule's, not whatever the executor picks. What crosses a cut is a tuple
+of tensors (``partition``): the activation and whatever later stages read (a
+padding mask, positions); gradients flow back through its floating tensors only.
 
 The loss of micro-batch m is scaled by 1 / (M x copies) and by the
 optimizer's loss scale (``LossScaleOptimizer`` under ``mixed_float16``), so
@@ -49,6 +51,15 @@ def _regularization(stage_model):
     return tf.add_n([tf.cast(l, tf.float32) for l in losses]) if losses else None
 
 
+def _floats(tensors):
+    """The floating tensors of a cut's tuple: the ones a gradient flows back through."""
+    return [t for t in tensors if t.dtype.is_floating]
+
+
+def _dense(grad):
+    return grad.values if isinstance(grad, tf.IndexedSlices) else grad
+
+
 def run(model, plan, parts, trace=None):
     """Build one step's forward and backward over ``parts`` (micro-batch m of copy r at ``m * copies + r``).
 
@@ -79,7 +90,7 @@ def run(model, plan, parts, trace=None):
                         tape = tf.GradientTape()
                         with tape:
                             if s > 0:
-                                tape.watch(inputs)
+                                tape.watch(_floats(inputs))
                             out = stage(inputs, training=True)
                             reg = _regularization(stage)
                             objective = None if reg is None else reg * share
@@ -95,24 +106,29 @@ def run(model, plan, parts, trace=None):
                     tapes[(r, s, m)] = (tape, inputs, out, objective)
                     if s < S - 1:
                         activations[(r, s, m)] = out
-                    last_ops[lane] = [out]
+                    last_ops[lane] = tf.nest.flatten(out)
                 else:
                     tape, inputs, out, objective = tapes.pop((r, s, m))
                     weights = plan.weights[s]
-                    sources = ([inputs] if s > 0 else []) + weights
+                    floats = _floats(inputs) if s > 0 else []
+                    sources = floats + weights
                     with tf.device(device), tf.name_scope(f"{prefix}stage{s}_B{m}"), tf.control_dependencies(deps):
                         if s == S - 1:
                             grads = tape.gradient(objective, sources)
-                        else:
-                            targets, seeds = [out], [upstream.pop((r, s, m))]
+                        else:  # a cut carries a tuple; tensors with no gradient (a mask, ids) seed nothing
+                            pairs = [(t, g) for t, g in zip(out, upstream.pop((r, s, m))) if g is not None]
+                            targets, seeds = [t for t, _ in pairs], [g for _, g in pairs]
                             if objective is not None:
                                 targets.append(objective)
                                 seeds.append(tf.ones_like(objective))
-                            grads = tape.gradient(targets, sources, output_gradients=seeds)
-                        last_ops[lane] = [tf.group(*[g for g in grads if g is not None] or [out])]
+                            grads = tape.gradient(targets, sources, output_gradients=seeds) if targets else \
+                                [None] * len(sources)
+                        last_ops[lane] = [tf.group(*[_dense(g) for g in grads if g is not None] or
+                                                     tf.nest.flatten(out))]
                         if s > 0:
-                            upstream[(r, s - 1, m)] = grads[0]
-                            grads = grads[1:]
+                            found = iter(grads[:len(floats)])
+                            upstream[(r, s - 1, m)] = [next(found) if t.dtype.is_floating else None for t in inputs]
+                            grads = grads[len(floats):]
                         previous = summed.get((r, s))
                         summed[(r, s)] = grads if previous is None else [
                             pieces.add(a, b) for a, b in zip(previous, grads)]
