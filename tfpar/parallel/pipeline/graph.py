@@ -208,6 +208,10 @@ class Segment:
         return self._unique("variables")
 
     @property
+    def weights(self):  # as on a Keras layer: every weight, trainable or not
+        return self._unique("weights")
+
+    @property
     def non_trainable_variables(self):
         return self._unique("non_trainable_variables")
 
