@@ -304,3 +304,48 @@ def test_tfpar_train_takes_workers_min_max_for_ray():
                                              r"with launcher=ray; got "):
             TrainConfig(launcher="ray", workers=bad).validate()
 
+
+
+@pytest.mark.slow
+def test_a_host_added_to_the_hosts_file_joins_at_the_next_restart(tmp_path):
+    """--hosts FILE --max_workers 3: two hosts listed, worker 0 adds a third and dies in step 5; the restart reads
+    FILE again and 3 workers resume the step-4 backup written by 2, with the same global batch of 48."""
+    hosts, model_dir = tmp_path / "hosts", str(tmp_path / "run")
+    hosts.write_text("host-a\n# the third host is down\nhost-b\n")
+    code, out = _run(LAUNCH + ["--hosts", str(hosts), "--max_workers", "3", "--restarts", "1", "--timeout", "300",
+                               "--", *WORKER, str(tmp_path / "ids"), "5", "--", "--strategy=multi_worker", *DIGITS,
+                               f"--model_dir={model_dir}"], 330,
+                     TFPAR_TEST_KILL_WORKER="0", TFPAR_TEST_ADD_HOST=f"{hosts}:host-c")
+    assert code == 0, out[-4000:]
+    assert "[launcher] worker-0 exited with 137; restarting all tasks (restart 1)\n" \
+           f"[launcher] the hosts file {hosts} lists 3 worker(s): workers worker-0, worker-1 -> " \
+           "worker-0, worker-1, worker-2\n" in out, out[-4000:]
+    assert "resuming epoch 2 step 1 on 3 worker(s) (backup written by 2): global batch 48 kept as 16 per worker" in out
+    summary = _summary(model_dir)
+    assert summary["num_workers"] == 3 and summary["resumed_from"]["workers"] == 2, summary
+    assert summary["resumed_from"]["step"] == 4 and summary["optimizer_updates"] == 12
+    assert summary["examples_seen"] == 12 * 48 and summary["epochs_done"] == 4
+
+
+@pytest.mark.parametrize("flags, hosts, message", [
+    (["--hosts", "{f}", "--workers", "2"], "a\n", "--hosts sets the number of workers; drop --workers and --ps"),
+    (["--workers", "2", "--max_workers", "3"], None, "--max_workers needs --hosts FILE (the workers a restart may add)"),
+    (["--hosts", "{f}"], "# none yet\n\n", "The hosts file {f} lists no host; put one host per line."),
+    (["--hosts", "{f}"], None, "The hosts file {f} cannot be read (No such file or directory)."),
+])
+def test_hosts_file_mistakes_are_one_sentence_and_exit_2(tmp_path, flags, hosts, message):
+    path = tmp_path / "hosts"
+    if hosts is not None:
+        path.write_text(hosts)
+    got, out = _run(LAUNCH + [f.format(f=path) for f in flags] + ["--", "true"], 60)
+    assert got == 2 and f"tfpar-launch: error: {message.format(f=path)}" in out, out
+
+
+def test_the_hosts_file_is_read_again_and_capped_at_max_workers(tmp_path):
+    from tfpar.runtime import hostsfile
+
+    path = tmp_path / "hosts"
+    path.write_text("a\nb  # rack 2\n")
+    assert hostsfile.read(str(path)) == ["a", "b"] and hostsfile.worker_count(str(path), 3) == 2
+    path.write_text("a\nb\nc\nd\n")
+    assert hostsfile.worker_count(str(path), 3) == 3 and hostsfile.worker_count(str(path)) == 4
