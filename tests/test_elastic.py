@@ -349,3 +349,31 @@ def test_the_hosts_file_is_read_again_and_capped_at_max_workers(tmp_path):
     assert hostsfile.read(str(path)) == ["a", "b"] and hostsfile.worker_count(str(path), 3) == 2
     path.write_text("a\nb\nc\nd\n")
     assert hostsfile.worker_count(str(path), 3) == 3 and hostsfile.worker_count(str(path)) == 4
+
+
+@pytest.mark.slow
+def test_allow_batch_change_resumes_a_backup_at_another_global_batch(tmp_path):
+    """A backup written at global batch 48 (step 4: epoch 2, 1 step done) is refused at batch 24 in one sentence
+    (exit 2, nothing trained), and with --allow_batch_change resumes at 24: the 48 examples of epoch 2 already
+    trained count as 2 steps of 24, so 1 step of 24 is left."""
+    model_dir = str(tmp_path / "run")
+    flags = [*(f for f in DIGITS if not f.startswith(("--batch_size", "--epochs"))), "--epochs=2",
+             "--strategy=one_device", f"--model_dir={model_dir}"]
+    code, out = _run(WORKER + ["-", "5", "--", *flags, "--batch_size=48"], 240)  # dies in step 5: backup at 4
+    assert code == -signal.SIGKILL, out[-3000:]
+    backup_dir = os.path.join(model_dir, "backup")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, out = _run(WORKER + ["-", "0", "--", *flags, "--batch_size=24"], 240)
+    assert code == 2, out[-3000:]
+    assert out.strip().splitlines()[-1].endswith(
+        f"The backup in {backup_dir} trained with 48 examples per update but this run asks for 24; resume with the "
+        "same --batch_size and --grad_accum_steps, or pass --allow_batch_change to continue with the new batch."), out
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    code, out = _run(WORKER + ["-", "0", "--", *flags, "--batch_size=24", "--allow_batch_change=true"], 240)
+    assert code == 0, out[-3000:]
+    summary = _summary(model_dir)
+    assert summary["resumed_from"] == {"epoch": 1, "batch": 1, "step": 4, "workers": 1,
+                                       "path": os.path.join(backup_dir, "step-000000004")}, summary["resumed_from"]
+    assert (summary["global_batch_size"], summary["examples_per_update"], summary["steps_done"]) == (24, 24, 1)
+    assert summary["optimizer_updates"] == 5 and summary["examples_seen"] == 4 * 48 + 24
+    assert summary["epochs_done"] == 2 and summary["learning_rate_peak"] == pytest.approx(2.0 * 24 / 256)

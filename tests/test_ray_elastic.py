@@ -92,7 +92,7 @@ def test_ray_elastic_run_loses_a_node_and_finishes_on_one_worker(two_nodes, tmp_
     address, second = two_nodes
     model_dir = tmp_path / "run"
     argv = [*tfpar_train_command(), "--launcher=ray", "--workers=1:2", "--model=resnet18", "--width_multiplier=0.125",
-            "--image_size=16", "--batch_size=16", "--steps_per_epoch=3", "--epochs=4", "--validation_steps=0",
+            "--image_size=16", "--batch_size=16", "--steps_per_epoch=3", "--epochs=3", "--validation_steps=0",
             "--tensorboard=false", "--checkpoint_best=false", "--verbose=0", f"--model_dir={model_dir}"]
     driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True,
@@ -110,9 +110,9 @@ def test_ray_elastic_run_loses_a_node_and_finishes_on_one_worker(two_nodes, tmp_
     assert driver.returncode == 0, out[-4000:]
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["resumed_from"]["workers"] == 2 and summary["num_workers"] == 1, summary["resumed_from"]
-    assert summary["resumed_from"]["step"] in (3, 6, 9), summary["resumed_from"]
-    assert summary["epochs_done"] == 4 and summary["optimizer_updates"] == 12
-    assert summary["examples_seen"] == 12 * 16
+    assert summary["resumed_from"]["step"] in (3, 6), summary["resumed_from"]
+    assert summary["epochs_done"] == 3 and summary["optimizer_updates"] == 9
+    assert summary["examples_seen"] == 9 * 16
     assert 0 < summary["train_loss"] < 10
     resumed = summary["resumed_from"]
     assert (f"resuming epoch {resumed['epoch'] + 1} step {resumed['batch']} on 1 worker(s) (backup written by 2): "
