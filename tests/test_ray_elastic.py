@@ -6,12 +6,15 @@ routable address (``ray._private.services.resolve_ip_for_localhost``), which
 this sandbox cannot reach, so the node processes run the CLI with that one
 function made the identity (test-only), and the driver runs with
 ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's switch that makes a driver use
-the loopback address. Each node is its own process group, SIGKILLed at the
+the loopback address. Of two nodes on one address a driver attaches to the
+head, where Ray Train v2 pins its controller, so the node killed holds only a
+training worker. Each node is its own process group, SIGKILLed at the
 end; ``ray stop`` is not used because it would stop every Ray on the machine.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,15 +69,16 @@ def two_nodes(tmp_path):
     from tfpar.runtime import launcher
 
     port = launcher.free_ports(1)[0]
-    nodes = []
+    nodes, temps = [], []
 
     def start(*args):
-        temp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
-        log = open(tmp_path / f"node-{len(nodes)}.log", "w")
-        nodes.append(subprocess.Popen(
-            [sys.executable, "-c", RAY_CLI, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-             "--disable-usage-stats", f"--temp-dir={temp}", *args],
-            stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True))
+        temps.append(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths fit 107 characters
+        temp = temps[-1]
+        with open(tmp_path / f"node-{len(nodes)}.log", "w") as log:
+            nodes.append(subprocess.Popen(
+                [sys.executable, "-c", RAY_CLI, "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                 "--disable-usage-stats", f"--temp-dir={temp}", *args],
+                stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True))
         return nodes[-1]
 
     try:
@@ -82,7 +86,10 @@ def two_nodes(tmp_path):
         second = start(f"--address=127.0.0.1:{port}")
         yield f"127.0.0.1:{port}", second
     finally:
-        assert all([_kill_node(node) for node in nodes]), "Ray node processes left behind"
+        stopped = [_kill_node(node) for node in nodes]
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+        assert all(stopped), "Ray node processes left behind"
 
 
 @pytest.mark.slow
