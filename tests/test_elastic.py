@@ -377,3 +377,27 @@ def test_allow_batch_change_resumes_a_backup_at_another_global_batch(tmp_path):
     assert (summary["global_batch_size"], summary["examples_per_update"], summary["steps_done"]) == (24, 24, 1)
     assert summary["optimizer_updates"] == 5 and summary["examples_seen"] == 4 * 48 + 24
     assert summary["epochs_done"] == 2 and summary["learning_rate_peak"] == pytest.approx(2.0 * 24 / 256)
+
+
+EDIT_HOSTS = """
+import json, os, sys
+config = json.loads(os.environ["TF_CONFIG"])
+if len(config["cluster"]["worker"]) == 2 and config["task"]["index"] == 1:
+    if sys.argv[2] == "gone":
+        os.remove(sys.argv[1])
+    else:
+        open(sys.argv[1], "w").write(sys.argv[2])
+    sys.exit(1)  # forces a restart, which reads the hosts file again
+"""
+
+
+@pytest.mark.parametrize("edit, code, line", [
+    ("host-a\n", 0, "[launcher] the hosts file {f} lists 1 worker(s): workers worker-0, worker-1 -> worker-0\n"),
+    ("gone", 69, "[launcher] The hosts file {f} cannot be read (No such file or directory). Stopping all tasks.\n"),
+], ids=["a-host-taken-out", "file-gone"])
+def test_a_restart_follows_the_hosts_file_as_it_is_then(tmp_path, edit, code, line):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("host-a\nhost-b\n")
+    got, out = _run(LAUNCH + ["--hosts", str(hosts), "--restarts", "1", "--timeout", "60", "--", sys.executable, "-c",
+                              EDIT_HOSTS, str(hosts), edit], 90)
+    assert got == code and line.format(f=hosts) in out, out
