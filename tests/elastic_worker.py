@@ -10,6 +10,9 @@ Usage: elastic_worker.py RECORD KILL_AT_STEP -- tfpar-train flags...
 - With KILL_AT_STEP > 0 the process SIGKILLs itself while that step runs
   (only worker TFPAR_TEST_KILL_WORKER when that is set), after creating the
   file RECORD.killed.
+- TFPAR_TEST_ADD_HOST="PATH:NAME": a host comes back; at KILL_AT the worker
+  first appends NAME to the hosts file PATH (tfpar-launch --hosts), and it
+  neither appends nor dies when NAME is listed there already (so only once).
 - TFPAR_TEST_FAIL_AT_START="I/N": worker I of an N-worker cluster exits 1 at
   once (a host that is gone); in a cluster of another size it trains.
   "I/N:PATH": only once the file PATH exists.
@@ -46,6 +49,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 steps = []
+ADD_HOST = os.environ.get("TFPAR_TEST_ADD_HOST")
 
 
 def _step(ids):
@@ -53,6 +57,12 @@ def _step(ids):
     if RECORD != "-":
         with open(RECORD, "a") as f:
             f.write(" ".join(str(v) for v in ids.numpy().tolist()) + "\n")
+    if len(steps) == KILL_AT and ADD_HOST:
+        path, name = ADD_HOST.rsplit(":", 1)
+        if name in open(path).read().split():
+            return 0
+        with open(path, "a") as f:
+            f.write(name + "\n")
     if len(steps) == KILL_AT:
         if KILLED:
             open(KILLED, "w").close()

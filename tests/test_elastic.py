@@ -304,3 +304,100 @@ def test_tfpar_train_takes_workers_min_max_for_ray():
                                              r"with launcher=ray; got "):
             TrainConfig(launcher="ray", workers=bad).validate()
 
+
+
+@pytest.mark.slow
+def test_a_host_added_to_the_hosts_file_joins_at_the_next_restart(tmp_path):
+    """--hosts FILE --max_workers 3: two hosts listed, worker 0 adds a third and dies in step 5; the restart reads
+    FILE again and 3 workers resume the step-4 backup written by 2, with the same global batch of 48."""
+    hosts, model_dir = tmp_path / "hosts", str(tmp_path / "run")
+    hosts.write_text("host-a\n# the third host is down\nhost-b\n")
+    code, out = _run(LAUNCH + ["--hosts", str(hosts), "--max_workers", "3", "--restarts", "1", "--timeout", "300",
+                               "--", *WORKER, str(tmp_path / "ids"), "5", "--", "--strategy=multi_worker", *DIGITS,
+                               f"--model_dir={model_dir}"], 330,
+                     TFPAR_TEST_KILL_WORKER="0", TFPAR_TEST_ADD_HOST=f"{hosts}:host-c")
+    assert code == 0, out[-4000:]
+    assert "[launcher] worker-0 exited with 137; restarting all tasks (restart 1)\n" \
+           f"[launcher] the hosts file {hosts} lists 3 worker(s): workers worker-0, worker-1 -> " \
+           "worker-0, worker-1, worker-2\n" in out, out[-4000:]
+    assert "resuming epoch 2 step 1 on 3 worker(s) (backup written by 2): global batch 48 kept as 16 per worker" in out
+    summary = _summary(model_dir)
+    assert summary["num_workers"] == 3 and summary["resumed_from"]["workers"] == 2, summary
+    assert summary["resumed_from"]["step"] == 4 and summary["optimizer_updates"] == 12
+    assert summary["examples_seen"] == 12 * 48 and summary["epochs_done"] == 4
+
+
+@pytest.mark.parametrize("flags, hosts, message", [
+    (["--hosts", "{f}", "--workers", "2"], "a\n", "--hosts sets the number of workers; drop --workers and --ps"),
+    (["--workers", "2", "--max_workers", "3"], None, "--max_workers needs --hosts FILE (the workers a restart may add)"),
+    (["--hosts", "{f}"], "# none yet\n\n", "The hosts file {f} lists no host; put one host per line."),
+    (["--hosts", "{f}"], None, "The hosts file {f} cannot be read (No such file or directory)."),
+])
+def test_hosts_file_mistakes_are_one_sentence_and_exit_2(tmp_path, flags, hosts, message):
+    path = tmp_path / "hosts"
+    if hosts is not None:
+        path.write_text(hosts)
+    got, out = _run(LAUNCH + [f.format(f=path) for f in flags] + ["--", "true"], 60)
+    assert got == 2 and f"tfpar-launch: error: {message.format(f=path)}" in out, out
+
+
+def test_the_hosts_file_is_read_again_and_capped_at_max_workers(tmp_path):
+    from tfpar.runtime import hostsfile
+
+    path = tmp_path / "hosts"
+    path.write_text("a\nb  # rack 2\n")
+    assert hostsfile.read(str(path)) == ["a", "b"] and hostsfile.worker_count(str(path), 3) == 2
+    path.write_text("a\nb\nc\nd\n")
+    assert hostsfile.worker_count(str(path), 3) == 3 and hostsfile.worker_count(str(path)) == 4
+
+
+@pytest.mark.slow
+def test_allow_batch_change_resumes_a_backup_at_another_global_batch(tmp_path):
+    """A backup written at global batch 48 (step 4: epoch 2, 1 step done) is refused at batch 24 in one sentence
+    (exit 2, nothing trained), and with --allow_batch_change resumes at 24: the 48 examples of epoch 2 already
+    trained count as 2 steps of 24, so 1 step of 24 is left."""
+    model_dir = str(tmp_path / "run")
+    flags = [*(f for f in DIGITS if not f.startswith(("--batch_size", "--epochs"))), "--epochs=2",
+             "--strategy=one_device", f"--model_dir={model_dir}"]
+    code, out = _run(WORKER + ["-", "5", "--", *flags, "--batch_size=48"], 240)  # dies in step 5: backup at 4
+    assert code == -signal.SIGKILL, out[-3000:]
+    backup_dir = os.path.join(model_dir, "backup")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, out = _run(WORKER + ["-", "0", "--", *flags, "--batch_size=24"], 240)
+    assert code == 2, out[-3000:]
+    assert out.strip().splitlines()[-1].endswith(
+        f"The backup in {backup_dir} trained with 48 examples per update but this run asks for 24; resume with the "
+        "same --batch_size and --grad_accum_steps, or pass --allow_batch_change to continue with the new batch."), out
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    code, out = _run(WORKER + ["-", "0", "--", *flags, "--batch_size=24", "--allow_batch_change=true"], 240)
+    assert code == 0, out[-3000:]
+    summary = _summary(model_dir)
+    assert summary["resumed_from"] == {"epoch": 1, "batch": 1, "step": 4, "workers": 1,
+                                       "path": os.path.join(backup_dir, "step-000000004")}, summary["resumed_from"]
+    assert (summary["global_batch_size"], summary["examples_per_update"], summary["steps_done"]) == (24, 24, 1)
+    assert summary["optimizer_updates"] == 5 and summary["examples_seen"] == 4 * 48 + 24
+    assert summary["epochs_done"] == 2 and summary["learning_rate_peak"] == pytest.approx(2.0 * 24 / 256)
+
+
+EDIT_HOSTS = """
+import json, os, sys
+config = json.loads(os.environ["TF_CONFIG"])
+if len(config["cluster"]["worker"]) == 2 and config["task"]["index"] == 1:
+    if sys.argv[2] == "gone":
+        os.remove(sys.argv[1])
+    else:
+        open(sys.argv[1], "w").write(sys.argv[2])
+    sys.exit(1)  # forces a restart, which reads the hosts file again
+"""
+
+
+@pytest.mark.parametrize("edit, code, line", [
+    ("host-a\n", 0, "[launcher] the hosts file {f} lists 1 worker(s): workers worker-0, worker-1 -> worker-0\n"),
+    ("gone", 69, "[launcher] The hosts file {f} cannot be read (No such file or directory). Stopping all tasks.\n"),
+], ids=["a-host-taken-out", "file-gone"])
+def test_a_restart_follows_the_hosts_file_as_it_is_then(tmp_path, edit, code, line):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("host-a\nhost-b\n")
+    got, out = _run(LAUNCH + ["--hosts", str(hosts), "--restarts", "1", "--timeout", "60", "--", sys.executable, "-c",
+                              EDIT_HOSTS, str(hosts), edit], 90)
+    assert got == code and line.format(f=hosts) in out, out

@@ -25,7 +25,7 @@ import threading
 import time
 
 from tfpar.core import quiet
-from tfpar.runtime import peers, server
+from tfpar.runtime import hostsfile, peers, server
 
 HOST = "127.0.0.1"
 STOP_GRACE_SEC = 5.0  # after a task failed: its peers are stuck in collectives, no save is coming
@@ -52,6 +52,10 @@ With --min_workers K as well, a worker that fails again right after a restart
 caused by it (its host is gone) is left out: the cluster restarts without it,
 renumbered, and tfpar-train resumes its backup on the smaller cluster with the
 same global batch. Below K workers the launcher stops with exit code 69.
+With --hosts FILE (one host per line) instead of --workers, the worker count
+is the number of hosts listed, at most --max_workers, and FILE is read again
+at each restart: a host added to it joins the cluster at the next restart, a
+host taken out of it leaves; tfpar-train resumes its backup on the new count.
 """
 
 
@@ -162,8 +166,9 @@ class Supervisor:
     """Starts the tasks, streams their output, and stops them all on the first failure."""
 
     def __init__(self, tasks, env=None, timeout=None, restart_policy=never_restart, out=None, fresh_ports=True,
-                 tf_log_level=None, min_workers=None):
+                 tf_log_level=None, min_workers=None, hosts=None, max_workers=None):
         self.tasks = tasks
+        self.hosts, self.max_workers = hosts, max_workers  # --hosts FILE, read again at each restart
         self.min_workers = min_workers  # leave out a worker that fails again right after its restart, down to this
         self.last_failed = None  # the task whose failure caused the last restart
         self.env = dict(os.environ if env is None else env)
@@ -244,6 +249,28 @@ class Supervisor:
         for task in self.tasks:
             self.start(task)
 
+    def _resize(self):
+        """With --hosts: the workers of the next restart, from the file as it is now; an exit code to stop."""
+        if not self.hosts:
+            return None
+        try:
+            wanted = hostsfile.worker_count(self.hosts, self.max_workers)
+        except ValueError as err:
+            self._print(f"[launcher] {err} Stopping all tasks.\n")
+            return peers.EXIT_UNREACHABLE
+        workers = [t for t in self.tasks if t.task_type == "worker"]
+        if wanted == len(workers):
+            return None
+        if self.min_workers and wanted < self.min_workers:
+            self._print(f"[launcher] the hosts file {self.hosts} lists {wanted} worker(s), below --min_workers "
+                        f"{self.min_workers}; stopping all tasks\n")
+            return peers.EXIT_UNREACHABLE
+        resized = [dataclasses.replace(workers[min(i, len(workers) - 1)], index=i) for i in range(wanted)]
+        self._print(f"[launcher] the hosts file {self.hosts} lists {wanted} worker(s): workers "
+                    f"{', '.join(t.name for t in workers)} -> {', '.join(t.name for t in resized)}\n")
+        self.tasks = [t for t in self.tasks if t.task_type != "worker"] + with_fresh_ports(resized)
+        return None
+
     def _leave_out(self, lost):
         """``lost`` failed again right after the restart it caused: restart without it, or stop below the minimum."""
         workers = [t for t in self.tasks if t.task_type == "worker"]
@@ -287,6 +314,9 @@ class Supervisor:
                     self.last_failed = name
                     self.restarts += 1
                     self._print(f"[launcher] {name} exited with {code}; restarting all tasks (restart {self.restarts})\n")
+                    stop = self._resize()
+                    if stop is not None:
+                        return stop
                     self._restart_all()
                     pending = {t.name for t in self.tasks if not t.is_server}
                     by_name = {t.name: t for t in self.tasks}
@@ -306,9 +336,15 @@ def serve():
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="tfpar-launch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s --workers N [--ps M] [--port-base P] [--timeout S] [--restarts K [--min_workers K]] "
+                                     usage="%(prog)s (--workers N | --hosts FILE [--max_workers M]) [--ps M] [--port-base P] "
+                                           "[--timeout S] [--restarts K [--min_workers K]] "
                                            "[--tf_log_level L] -- COMMAND...")
-    parser.add_argument("--workers", type=int, default=2, help="worker tasks (default 2)")
+    parser.add_argument("--workers", type=int, default=None, help="worker tasks (default 2)")
+    parser.add_argument("--hosts", default=None, metavar="FILE",
+                        help="instead of --workers: one worker per host listed in FILE (one a line), read again at "
+                             "each restart, so a host added to FILE joins at the next restart")
+    parser.add_argument("--max_workers", type=int, default=None,
+                        help="with --hosts: at most M workers, whatever FILE lists")
     parser.add_argument("--ps", type=int, default=0, help="parameter-server tasks; adds a chief that runs COMMAND")
     parser.add_argument("--port-base", type=int, default=None,
                         help="use consecutive ports from P (chief, workers, ps); default: free ports")
@@ -328,6 +364,19 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:
         args.command = args.command[1:]
+    if args.hosts is not None and not args.serve:
+        if args.workers is not None or args.ps:
+            parser.error("--hosts sets the number of workers; drop --workers and --ps")
+        if args.max_workers is not None and args.max_workers < 1:
+            parser.error(f"--max_workers must be at least 1, got {args.max_workers}")
+        try:
+            args.workers = hostsfile.worker_count(args.hosts, args.max_workers)
+        except ValueError as err:
+            parser.error(str(err))
+    elif args.max_workers is not None:
+        parser.error("--max_workers needs --hosts FILE (the workers a restart may add)")
+    if args.workers is None:
+        args.workers = 2
     if args.timeout is not None and args.timeout <= 0:
         parser.error(f"--timeout must be positive, got {args.timeout:g}")
     if args.restarts < 0:
@@ -353,7 +402,7 @@ def main(argv=None):
     policy = restart_up_to(args.restarts) if args.restarts else never_restart
     supervisor = Supervisor(tasks, timeout=args.timeout, restart_policy=policy,
                             fresh_ports=args.port_base is None, tf_log_level=args.tf_log_level,
-                            min_workers=args.min_workers)
+                            min_workers=args.min_workers, hosts=args.hosts, max_workers=args.max_workers)
 
     def on_signal(signum, frame):
         for sig in (signal.SIGINT, signal.SIGTERM):  # one stop is enough; stop_all escalates itself
