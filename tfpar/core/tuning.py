@@ -109,21 +109,21 @@ def search(space, trial, start=None, max_trials=None):
     return Result(current, trials, cut)
 
 
-def table(result, units="ms"):
-    """The trials as text lines: one per trial, the chosen one marked."""
+def table(result, names=None, units="ms"):
+    """The trials as text lines: one per trial (``names``: the columns, default all), the chosen one marked."""
     if not result.trials:
         return []
-    names = list(result.trials[0].setting)
+    names = list(names or result.trials[0].setting)
     head = ["  ".join(f"{LABELS.get(n, n):>13}" for n in names) + f"  {'step ' + units:>10}"]
     rows = []
     for t in result.trials:
         mark = "  <- chosen" if t.setting == result.choice else ""
-        cells = "  ".join(f"{_show(t.setting[n]):>13}" for n in names)
+        cells = "  ".join(f"{show(t.setting[n]):>13}" for n in names)
         rows.append(f"{cells}  {t.step_sec * 1000:10.1f}{mark}")
     return head + rows
 
 
-def _show(value):
+def show(value):
     if isinstance(value, bool):
         return "on" if value else "off"
     return f"{value:g}" if isinstance(value, float) else str(value)
