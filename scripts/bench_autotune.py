@@ -21,6 +21,9 @@ VOCABULARY = 4096
 SKIP_STEPS = 2  # of each window: the first steps (tracing, compiling) are left out
 
 
+NO_JAX = 'jax is not installed here (pip install -e ".[bench]" adds jax[cpu]).'
+
+
 def jax_available():
     return importlib.util.find_spec("jax") is not None
 
@@ -90,10 +93,11 @@ def lines(cases):
 
 
 def markdown_lines(report):
+    skipped = ["", *(f"Skipped: {line}" for line in report.get("skipped", []))] if report.get("skipped") else []
     found = lines(report["comparisons"].get("autotune", []))
     if not found:
-        return []
-    return ["", "Autotune (`--autotune`, `tfpar.run.autotune`): the autotuned run over the best setting of an "
+        return skipped
+    return skipped + ["", "Autotune (`--autotune`, `tfpar.run.autotune`): the autotuned run over the best setting of an "
             "exhaustive manual sweep (target 0.97) and over tfpar's untuned default:", ""] + [f"- {x}" for x in found]
 
 

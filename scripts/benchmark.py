@@ -656,7 +656,8 @@ def main(argv=None):
             continue
         print(f"== {name}", flush=True)
         if name == "keras3_jax_vs_tfpar" and not bench_autotune.jax_available():
-            print("  skipped: jax is not installed here (pip install -e \".[bench]\" adds jax[cpu]).", flush=True)
+            report.setdefault("skipped", []).append(f"{name}: {bench_autotune.NO_JAX}")
+            print(f"  skipped: {bench_autotune.NO_JAX}", flush=True)
             continue
         rounds = []
         for round_index in range(ROUNDS.get(name, 1)):
