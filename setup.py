@@ -71,6 +71,8 @@ setup(
         ],
         "ray": [RAY],  # tfpar.ray, tfpar-train --launcher=ray
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "build", "twine"],
+        # scripts/benchmark.py --only keras3_jax_vs_tfpar (Keras 3 on JAX beside tfpar) and --only autotune (Gemma)
+        "bench": ["jax[cpu]", KERAS_HUB],
     },
     entry_points={
         "console_scripts": [

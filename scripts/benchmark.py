@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the scripts/be
 import bench_interleaved  # noqa: E402  (scripts/: the interleaved 1F1B cases)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.join(REPO, "scripts") not in sys.path:  # the bench_*.py measuring files beside this one
+    sys.path.append(os.path.join(REPO, "scripts"))
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 TF_KERAS_VENV = os.path.join(REPO, "benchmarks", ".venv-tf-keras")
 
@@ -98,6 +100,9 @@ def _pin_to_core():
     tf.config.threading.set_inter_op_parallelism_threads(2)
 
 
+import bench_autotune  # noqa: E402  (the autotune and Keras-on-JAX cases; imports no TensorFlow)
+
+
 def measure(case):
     """Run one case in this process and return {'rates': [...], ...}."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -122,6 +127,8 @@ def measure(case):
         return bench_pipeline_transformers.measure(case, _window_timer)
     if kind == "tfpar":
         return _measure_tfpar(case)
+    if kind.startswith("bench_"):  # autotune, keras3_jax_vs_tfpar: scripts/bench_autotune.py
+        return bench_autotune.measure(case)
     return _measure_plain(case, tf_keras=(kind == "tf_keras"))
 
 
@@ -425,6 +432,9 @@ def suites(name):
                      jit_compile="off", windows=2),
                 dict(r18, name="resnet18 mirrored x2, jit on", kind="tfpar", strategy="mirrored", virtual_cpus=2,
                      jit_compile="on", windows=2)],
+        # keras.applications ResNet-50 and a small keras-hub Gemma (scripts/bench_autotune.py)
+        "autotune": bench_autotune.autotune_cases(quick),
+        "keras3_jax_vs_tfpar": bench_autotune.jax_cases(quick),
     }
 
 
@@ -591,6 +601,7 @@ def markdown(report):
             for k, p in enumerate(c.get("profile_rounds") or [c.get("profile", {})]):
                 if "step_ms" in p:
                     profiled.append((name, c["name"] + (f" (round {k + 1})" if c.get("profile_rounds") else ""), p))
+    lines += bench_autotune.markdown_lines(report)
     stragglers = [c for c in report["comparisons"].get("stragglers", []) if "error" not in c]
     if stragglers:
         lines += ["", "Stragglers: \"of ceiling\" is of the ideal (the two solo speeds added); the loss is the last "
@@ -676,6 +687,10 @@ def main(argv=None):
         if only and name not in only:
             continue
         print(f"== {name}", flush=True)
+        if name == "keras3_jax_vs_tfpar" and not bench_autotune.jax_available():
+            report.setdefault("skipped", []).append(f"{name}: {bench_autotune.NO_JAX}")
+            print(f"  skipped: {bench_autotune.NO_JAX}", flush=True)
+            continue
         rounds = []
         for round_index in range(ROUNDS.get(name, 1)):
             measured = []
@@ -701,7 +716,9 @@ def main(argv=None):
 
                         print(f"    profile: {trace.describe(result['profile'])}", flush=True)
             rounds.append(measured)
-        merged = add_ideal_ratios(add_ceiling_ratios(merge_rounds(rounds)))
+        merged = bench_autotune.add_autotune_ratios(add_ideal_ratios(add_ceiling_ratios(merge_rounds(rounds))))
+        for line in bench_autotune.lines(merged):
+            print("  " + line, flush=True)
         report["comparisons"][name] = merged
         report["ratios"][name] = merged[1].get("ratio") if len(merged) > 1 else None
         for c in merged[1:]:

@@ -1,8 +1,11 @@
 """Shared fixtures. Tests run on the CPU; TF's C++ logs are kept quiet."""
 
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# --autotune's cache (and jit_compile=auto, which reads it) must not see the developer's own choices.
+os.environ["TFPAR_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"tfpar-test-cache-{os.getpid()}")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

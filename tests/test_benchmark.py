@@ -159,3 +159,17 @@ def test_markdown_lists_the_straggler_cases_with_loss_staleness_and_shares():
     assert "| balanced | 13.5 | 0.90 | 0.500 |  | 22, 10 |" in text
     assert "| async | 12.0 | 0.80 | 0.700 | 0.69 |  |" in text
     assert benchmark.straggler_line(cases[2]) == "loss 0.700, staleness 0.69"
+
+
+def test_autotune_is_read_against_the_best_manual_setting_and_the_default():
+    cases = [case("gemma tfpar default (untuned)", [10.0], model="gemma"),
+             case("gemma manual: XLA off", [10.0], model="gemma"),
+             case("gemma manual: XLA on", [14.0], model="gemma"),
+             case("gemma autotuned", [13.8], model="gemma", kind="bench_autotuned",
+                  autotune={"choice": {"xla": True, "micro_batches": 1}, "tune_sec": 5.0})]
+    tuned = benchmark.bench_autotune.add_autotune_ratios(cases)[-1]
+    assert tuned["ratio_to_best_manual"] == pytest.approx(13.8 / 14.0)
+    assert tuned["ratio_to_default"] == pytest.approx(1.38) and tuned["best_manual"] == "gemma manual: XLA on"
+    text = benchmark.markdown({"machine": {"cpu": "x", "gpu": None}, "date": "d", "suite": "default",
+                               "versions": {}, "comparisons": {"autotune": cases}})
+    assert "/ best manual (gemma manual: XLA on) 0.986 (target 0.97), / untuned default 1.380" in text

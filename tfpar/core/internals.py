@@ -77,7 +77,7 @@ HOOKS = (
     # --- Keras layers ---------------------------------------------------------------------
     Hook("call_has_training_arg", "@model:_call_has_training_arg", "calls", used_by="step/pieces.py"),
     Hook("flatten_layers", "keras.src.layers.layer:Layer._flatten_layers", "calls",
-         "include_self, recursive", used_by="step/xla.py, sharding/layers.py"),
+         "include_self, recursive", used_by="step/xla.py, sharding/layers.py, run/autotune.py"),
     Hook("batch_norm_build", "keras.layers:BatchNormalization.build", "source",
          used_by="compat.py bn_moving_stats_mean (is aggregation set?)"),
     Hook("batch_norm_add_weight", "keras.layers:BatchNormalization.add_weight", "wraps",

@@ -11,7 +11,7 @@ import sys
 from absl import flags
 
 from tfpar.core import quiet
-from tfpar.run.config import DEFAULT_GLOBAL_BATCH, TrainConfig
+from tfpar.run.config import AUTOTUNE_FIELDS, DEFAULT_GLOBAL_BATCH, TrainConfig
 
 # Flags are defined on first use: the model list comes from tfpar.models, which imports
 # TensorFlow, and TensorFlow must not load before run_main has set its log level.
@@ -64,7 +64,17 @@ _HELP = {
                             "the last layers' gradients are summed while the backward pass still computes the "
                             "earlier ones, and BN statistics in one collective; 0 = Keras's one all-reduce "
                             "after the whole backward pass.",
-    "jit_compile": "XLA for the per-replica step: auto (on for GPU/TPU, off for CPU), on or off.",
+    "jit_compile": "XLA for the per-replica step: auto (the choice --autotune cached for this model and devices, "
+                   "else on for GPU/TPU, off for CPU), on or off.",
+    "autotune": "Time short trials of the settings left to tfpar (XLA with --jit_compile=auto; all-reduce bucket "
+                "size and dtype with 2+ replicas; micro-batches for models without BatchNormalization) at the "
+                "start, keep the fastest and cache it ($TFPAR_CACHE_DIR, else $XDG_CACHE_HOME/tfpar or "
+                "~/.cache/tfpar): the next run of the same shape skips the trials. Training is unchanged: weights, "
+                "optimizer and data position are restored. A tuned flag given on the command line stays fixed.",
+    "autotune_budget": "Steps --autotune may spend on trials: below 1, that fraction of the planned steps "
+                       "(default 5%); 1 or more, that many steps. Each trial takes 5 steps.",
+    "autotune_keep": "Comma-separated settings --autotune leaves as given (jit_compile, all_reduce_bucket_mb, "
+                     "all_reduce_dtype, grad_accum_steps); flags given on the command line are added.",
     "steps_per_execution": "Training steps run per tf.function call (fewer Python round trips); "
                            "under parameter_server, per function scheduled on a worker.",
     "model_dir": "Where TensorBoard logs, best.weights.h5 and summary.json go.",
@@ -160,6 +170,8 @@ def config_from_flags(argv):
     if len(rest) > 1:
         raise ValueError(f"Unexpected argument(s): {' '.join(rest[1:])}.")
     values = {f.name: FLAGS[f.name].value for f in dataclasses.fields(TrainConfig)}
+    given = [name for name in AUTOTUNE_FIELDS if FLAGS[name].present]  # --autotune keeps what was given
+    values["autotune_keep"] = ",".join(n for n in (values["autotune_keep"] or "").split(",") + given if n)
     return TrainConfig(**values).validate()
 
 

@@ -7,6 +7,10 @@ import re
 OPTIMIZERS = ("sgd", "adam", "adamw")
 JIT_COMPILE = ("auto", "on", "off")
 LAUNCHERS = ("", "ray")
+# --autotune: the strategies it times on (one process's devices), and the fields a user can keep fixed.
+AUTOTUNE_STRATEGIES = ("auto", "one_device", "mirrored")
+AUTOTUNE_FIELDS = {"all_reduce_bucket_mb": "bucket_mb", "all_reduce_dtype": "all_reduce_dtype",
+                   "grad_accum_steps": "micro_batches"}
 DEFAULT_GLOBAL_BATCH = 64
 
 
@@ -47,6 +51,10 @@ class TrainConfig:
     all_reduce_dtype: str = "float32"  # "bfloat16": half the gradient bytes between replicas (tfpar.step.all_reduce)
     all_reduce_bucket_mb: float = 25.0  # gradients all-reduced in buckets overlapping backward; 0: Keras's one batch
     jit_compile: str = "auto"
+    # tfpar.run.autotune: time the settings left to tfpar at the start of the run, keep the fastest
+    autotune: bool = False
+    autotune_budget: float = 0.05  # < 1: this fraction of the planned steps; >= 1: this many steps
+    autotune_keep: str = ""  # comma-separated fields --autotune leaves as given (the CLI adds flags given)
     steps_per_execution: int = 1
     model_dir: str = "runs/default"
     tensorboard: bool = True
@@ -163,6 +171,7 @@ class TrainConfig:
         if self.strategy == "pipeline":
             self._validate_pipeline()
         self._validate_balance()
+        self._validate_autotune()
         return self
 
     def worker_counts(self):
@@ -192,6 +201,39 @@ class TrainConfig:
         if self.image_size % patch:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {patch}; "
                              f"{self.model} cuts images into whole {patch}x{patch} patches.")
+
+    def autotune_settings(self):
+        """The settings ``--autotune`` times: those left at tfpar's choice and not kept."""
+        keep = {name.strip() for name in self.autotune_keep.split(",") if name.strip()}
+        defaults = {"all_reduce_bucket_mb": 25.0, "all_reduce_dtype": "float32", "grad_accum_steps": 1}
+        tuned = ["xla"] if self.jit_compile == "auto" and "jit_compile" not in keep else []
+        for field, setting in AUTOTUNE_FIELDS.items():
+            if field not in keep and getattr(self, field) == defaults[field]:
+                tuned.append(setting)
+        if self.balance_batches and "micro_batches" in tuned:
+            tuned.remove("micro_batches")  # balanced shares are cut into the micro-batches chosen by hand
+        return tuned
+
+    def _validate_autotune(self):
+        budget = self.autotune_budget
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < float("inf"):
+            raise ValueError(f"autotune_budget must be a positive fraction of the run (< 1) or a number of steps, "
+                             f"got {budget!r}.")
+        keep = [name.strip() for name in self.autotune_keep.split(",") if name.strip()]
+        unknown = [name for name in keep if name not in AUTOTUNE_FIELDS and name != "jit_compile"]
+        if unknown:
+            raise ValueError(f"autotune_keep names {', '.join(unknown)}; it takes: jit_compile, "
+                             f"{', '.join(AUTOTUNE_FIELDS)}.")
+        if not self.autotune:
+            return
+        if self.strategy not in AUTOTUNE_STRATEGIES or self.launcher:
+            raise ValueError(f"--autotune times trials on one process's devices (strategy "
+                             f"{', '.join(AUTOTUNE_STRATEGIES)}); {self.strategy}"
+                             f"{' with launcher=' + self.launcher if self.launcher else ''} is not tuned yet.")
+        if not self.autotune_settings():
+            raise ValueError("--autotune has nothing to tune: jit_compile, all_reduce_bucket_mb, all_reduce_dtype and "
+                             "grad_accum_steps are all fixed; leave one to tfpar (e.g. --jit_compile=auto) or drop "
+                             "--autotune.")
 
     def _validate_balance(self):
         if not isinstance(self.balance_every, int) or isinstance(self.balance_every, bool) or self.balance_every < 1:

@@ -119,6 +119,7 @@ def train(hook, extra_callbacks=()):
                       steps_per_execution=config.steps_per_execution, **hook.compile_options)
         hook.compiled(model)
     hook.install(model, global_batch)
+    hook.tune(model, pipes, lambda: data.make(config, global_batch, source, **hook.reading()))
 
     # fit, evaluate
     cbs = hook.callbacks(model, global_batch, pipes, extra_callbacks)

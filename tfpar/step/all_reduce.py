@@ -71,6 +71,9 @@ def apply(optimizer, dtype, replicas):
     if dtype not in DTYPES:
         raise ValueError(f"all_reduce_dtype must be one of: {', '.join(DTYPES)}; got {dtype!r}.")
     if dtype == "float32" or replicas < 2:
+        if reduce.of(optimizer).dtype != "float32":  # undo an earlier bfloat16 (autotune's trials)
+            reduce.of(optimizer).dtype = "float32"
+            reduce.update_hook(optimizer)
         return "float32"
     use_bfloat16(optimizer)
     return dtype

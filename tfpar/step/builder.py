@@ -177,7 +177,7 @@ def apply(model, grads, clock=None):
     else:
         optimizer.apply_gradients(zip(grads, weights))
         if clock is not None:  # Keras's own all-reduce inside apply_gradients: the update counts as waiting too
-            with tf.control_dependencies([optimizer.iterations.read_value()]):
+            with tf.control_dependencies([tf.convert_to_tensor(optimizer.iterations)]):
                 done = timing_lib.stamp(clock)
     return (ready, done) if clock is not None else None
 

@@ -64,6 +64,12 @@ class Hook:
     def install(self, model, global_batch):
         """After ``compile``, outside ``scope``: the step installers, layouts."""
 
+    def tune(self, model, pipes, remake):
+        """After ``install``: ``--autotune``'s trials, which leave the model's state as they found it.
+
+        ``remake()`` builds the pipelines again, for trials that must not touch the run's own.
+        """
+
     # -- fit
     def callbacks(self, model, global_batch, pipes, extra):
         """The Keras callbacks ``fit`` gets, ``extra`` (the caller's) included."""

@@ -8,6 +8,7 @@ installers after ``compile`` (all-reduce dtype, XLA, accumulation, buckets, work
 import dataclasses
 import os
 
+from tfpar.run.config import AUTOTUNE_STRATEGIES
 from tfpar.run.hooks.base import Hook
 
 
@@ -22,6 +23,8 @@ class KerasFit(Hook):
         self.reduce_dtype = self.bucket_mb = None
         self._batch = None  # the global batch once planned
         self.elastic_line = None  # "resuming epoch ... on M workers (backup written by N) ..."
+        self.micro = config.grad_accum_steps  # micro-batches per update (--autotune may choose another)
+        self.autotune = None  # what --autotune (or its cache, for jit_compile=auto) decided, for summary.json
 
     def connect(self):
         from tfpar.runtime import backup, elastic
@@ -93,10 +96,43 @@ class KerasFit(Hook):
 
         config = self.config
         self.jit = self._resolve_jit()
+        if config.jit_compile == "auto" and not config.autotune and config.strategy in AUTOTUNE_STRATEGIES:
+            self._cached_jit(model)
         self.reduce_dtype = all_reduce.apply(model.optimizer, config.all_reduce_dtype, self.replicas)
         xla.enable(model, self.jit)  # per-replica XLA steps; Keras's own jit fails under strategies
         steps.accumulate(model, config.grad_accum_steps)  # one all-reduce per accum micro-batches
         self.bucket_mb = all_reduce.buckets(model, config.all_reduce_bucket_mb)  # overlap the backward pass
+
+    def _cached_jit(self, model):
+        """``jit_compile=auto``: an earlier ``--autotune`` of this model on these devices decides, else the rule."""
+        from tfpar.run import autotune
+
+        found = autotune.cached_xla(model)
+        if found is not None:
+            self.jit, path = found
+            self.autotune = {"cached": path, "choice": {"xla": self.jit}}
+            if self.speaks:
+                self.print_fn(f"jit_compile=auto: XLA {'on' if self.jit else 'off'}, as --autotune chose for this "
+                              f"model and devices ({path}).")
+
+    def tune(self, model, pipes, remake):
+        """``--autotune``: time the settings left to tfpar on this model, pipeline and strategy; keep the fastest."""
+        from tfpar.run import autotune, callbacks
+
+        config = self.config
+        if not config.autotune:
+            return
+        self.autotune = autotune.autotune(
+            model, self.strategy, lambda: remake().train, batch_size=self.global_batch() * config.grad_accum_steps,
+            tune=config.autotune_settings(), budget=config.autotune_budget,
+            planned_steps=config.epochs * pipes.steps_per_epoch, print_fn=self.print_fn if self.speaks else None)
+        now = autotune.current_setting(model)
+        self.jit, self.micro = now["xla"], now["micro_batches"]
+        self.reduce_dtype, self.bucket_mb = now["all_reduce_dtype"], now["bucket_mb"]
+        if self.info.is_chief and config.tensorboard:
+            lines = self.autotune["table"] or [f"cached: {self.autotune['cached']}"]
+            callbacks.write_text(self.model_dir, "autotune", "\n".join(
+                ["    " + line for line in lines] + ["", f"chosen: {self.autotune['choice']}"]))
 
     def callbacks(self, model, global_batch, pipes, extra):
         from tfpar.run import callbacks
@@ -158,7 +194,8 @@ class KerasFit(Hook):
         return options
 
     def start_lines(self, global_batch, policy, peak, pipes):
-        accum = self.config.grad_accum_steps
+        accum = self.micro
+        global_batch = global_batch * self.config.grad_accum_steps // accum  # --autotune keeps the update's batch
         summed = f", gradients summed in {self.reduce_dtype}" if self.replicas > 1 else ""
         summed += f" in {self.bucket_mb:g} MiB buckets" if summed and self.bucket_mb else ""
         micro = f" x {accum} micro-batches per update" if accum > 1 else ""
@@ -191,6 +228,7 @@ class KerasFit(Hook):
             "all_reduce_dtype": self.reduce_dtype,
             "all_reduce_bucket_mb": self.bucket_mb,
             "jit_compile": self.jit,
+            **({"autotune": self.autotune} if self.autotune is not None else {}),
             "xla_steps": xla.state(model),
             "resumed_from": self.backup.resumed if self.backup is not None else None,
             "examples_seen": self._examples_seen(),

@@ -1,0 +1,198 @@
+"""The measuring side of two benchmark comparisons (``scripts/benchmark.py`` runs each case in its own process).
+
+``--only autotune``: for keras.applications ResNet-50 and a small keras-hub Gemma (built from a config,
+nothing downloaded), tfpar's untuned default, every manual setting of the space ``--autotune`` searches
+(the exhaustive sweep) and the autotuned run, each timed the same way after its own warm-up.
+``benchmark.py`` then adds autotuned / best manual and autotuned / default (``add_autotune_ratios``).
+
+``--only keras3_jax_vs_tfpar``: the same two models with plain Keras 3 ``fit`` on the JAX backend, on
+the TensorFlow backend, and through tfpar (its default settings), per-step medians of one ``fit`` with
+the first steps left out. It needs ``jax`` (``pip install -e ".[bench]"`` adds ``jax[cpu]``); where
+``import jax`` fails, ``benchmark.py`` prints one line and skips it.
+"""
+
+import importlib.util
+import itertools
+import os
+import time
+
+SEQUENCE = 128
+VOCABULARY = 4096
+SKIP_STEPS = 2  # of each window: the first steps (tracing, compiling) are left out
+
+
+NO_JAX = 'jax is not installed here (pip install -e ".[bench]" adds jax[cpu]).'
+
+
+def jax_available():
+    return importlib.util.find_spec("jax") is not None
+
+
+def models(quick):
+    """The two models of both comparisons, at sizes that fit a busy 2-core CPU."""
+    base = dict(windows=2, warmup_windows=1, steps=4 if quick else 6)
+    return {"resnet50": dict(base, model="resnet50", image=64, batch=8, classes=10),
+            "gemma": dict(base, model="gemma", batch=16, layers=4, hidden=256)}
+
+
+def _space(case):
+    """The settings ``--autotune`` searches for this model on one device: XLA; micro-batches without BN."""
+    micro = [1] if case["model"] == "resnet50" else [1, 2, 4]
+    return [{"xla": x, "bucket_mb": 25.0, "all_reduce_dtype": "float32", "micro_batches": m}
+            for x, m in itertools.product((False, True), micro)]
+
+
+def autotune_cases(quick):
+    cases = []
+    for name, case in models(quick).items():
+        default = _space(case)[0]  # tfpar's rule on a CPU: XLA off, one micro-batch
+        cases.append(dict(case, name=f"{name} tfpar default (untuned)", kind="bench_setting", setting=default))
+        for setting in _space(case):
+            label = f"XLA {'on' if setting['xla'] else 'off'}, {setting['micro_batches']} micro-batch(es)"
+            cases.append(dict(case, name=f"{name} manual: {label}", kind="bench_setting", setting=setting))
+        cases.append(dict(case, name=f"{name} autotuned", kind="bench_autotuned"))
+    return cases
+
+
+def jax_cases(quick):
+    cases = []
+    for name, case in models(quick).items():
+        cases += [dict(case, name=f"{name} Keras 3 on JAX", kind="bench_keras", backend="jax"),
+                  dict(case, name=f"{name} Keras 3 on TF", kind="bench_keras", backend="tensorflow"),
+                  dict(case, name=f"{name} tfpar (default settings)", kind="bench_setting",
+                       setting=_space(case)[0])]
+    return cases
+
+
+def add_autotune_ratios(cases):
+    """Per model: the autotuned case's images/sec over the best manual case's and over the default's."""
+    for tuned in (c for c in cases if c.get("kind") == "bench_autotuned" and "error" not in c):
+        same = [c for c in cases if c.get("model") == tuned["model"] and "error" not in c]
+        manual = [c for c in same if " manual: " in c["name"]]
+        default = next((c for c in same if c["name"].endswith("(untuned)")), None)
+        if manual:
+            best = max(manual, key=lambda c: c["images_per_sec"])
+            tuned["ratio_to_best_manual"] = tuned["images_per_sec"] / best["images_per_sec"]
+            tuned["best_manual"] = best["name"]
+        if default:
+            tuned["ratio_to_default"] = tuned["images_per_sec"] / default["images_per_sec"]
+    return cases
+
+
+def lines(cases):
+    """The autotune ratios as printed lines (none for other comparisons)."""
+    out = []
+    for c in cases:
+        if "ratio_to_best_manual" in c or "ratio_to_default" in c:
+            choice = (c.get("autotune") or {}).get("choice", {})
+            out.append(f"{c['name']}: chose XLA {'on' if choice.get('xla') else 'off'}, "
+                       f"{choice.get('micro_batches')} micro-batch(es) in {c['autotune']['tune_sec']:.0f} s; "
+                       f"/ best manual ({c.get('best_manual')}) {c.get('ratio_to_best_manual', 0):.3f} "
+                       f"(target 0.97), / untuned default {c.get('ratio_to_default', 0):.3f}")
+    return out
+
+
+def markdown_lines(report):
+    skipped = ["", *(f"Skipped: {line}" for line in report.get("skipped", []))] if report.get("skipped") else []
+    found = lines(report["comparisons"].get("autotune", []))
+    if not found:
+        return skipped
+    return skipped + ["", "Autotune (`--autotune`, `tfpar.run.autotune`): the autotuned run over the best setting of an "
+            "exhaustive manual sweep (target 0.97) and over tfpar's untuned default:", ""] + [f"- {x}" for x in found]
+
+
+# --------------------------------------------------------------------------- inside the case's process
+
+def measure(case):
+    if case["kind"] == "bench_keras":
+        os.environ["KERAS_BACKEND"] = case["backend"]  # before Keras is imported in this fresh process
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model, data = _build(case, keras)
+    tuned = None
+    if case["kind"] == "bench_setting":
+        from tfpar.run import autotune
+
+        autotune.install(model, case["setting"])
+    elif case["kind"] == "bench_autotuned":
+        from tfpar.run import autotune
+
+        started = time.perf_counter()
+        tuned = autotune.autotune(model, None, data, cache=False, print_fn=print)
+        tuned = {"choice": tuned["choice"], "trials": tuned["trials"], "tune_sec": time.perf_counter() - started}
+    rates = _fit_windows(keras, model, data, case)
+    return {"rates": rates, "params": int(model.count_params()), **({"autotune": tuned} if tuned else {})}
+
+
+def _build(case, keras):
+    if case["model"] == "resnet50":
+        model = keras.applications.ResNet50(weights=None, input_shape=(case["image"],) * 2 + (3,),
+                                            classes=case["classes"])
+        model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy")
+        return model, _images(case)
+    import keras_hub
+
+    backbone = keras_hub.models.GemmaBackbone(
+        vocabulary_size=VOCABULARY, num_layers=case["layers"], num_query_heads=4, num_key_value_heads=1,
+        hidden_dim=case["hidden"], intermediate_dim=4 * case["hidden"], head_dim=case["hidden"] // 4)
+    inputs = {"token_ids": keras.Input((SEQUENCE,), dtype="int32", name="token_ids"),
+              "padding_mask": keras.Input((SEQUENCE,), dtype="int32", name="padding_mask")}
+    logits = backbone.token_embedding(backbone(inputs), reverse=True)
+    model = keras.Model(inputs, logits)
+    model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model, _tokens(case)
+
+
+def _images(case):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(size=(case["batch"], case["image"], case["image"], 3)).astype("float32")
+    y = rng.integers(0, case["classes"], case["batch"]).astype("int32")
+    return _repeat(x, y)
+
+
+def _tokens(case):
+    import numpy as np
+
+    tokens = np.random.default_rng(0).integers(0, VOCABULARY, (case["batch"], SEQUENCE + 1)).astype("int32")
+    x = {"token_ids": tokens[:, :-1], "padding_mask": np.ones((case["batch"], SEQUENCE), "int32")}
+    return _repeat(x, tokens[:, 1:])
+
+
+def _repeat(x, y):
+    """One batch, repeated: a tf.data pipeline on TensorFlow, a generator on JAX."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
+
+    def forever():
+        while True:
+            yield x, y
+
+    return forever()
+
+
+def _fit_windows(keras, model, data, case):
+    """Examples/sec of each timed window (one epoch each), the first ``SKIP_STEPS`` steps left out."""
+    rates, batch = [], case["batch"]
+
+    class Windows(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.stamps = []
+
+        def on_train_batch_end(self, step, logs=None):
+            self.stamps.append(time.perf_counter())
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch >= case["warmup_windows"] and len(self.stamps) > SKIP_STEPS:
+                timed = self.stamps[SKIP_STEPS - 1:]
+                rates.append((len(timed) - 1) * batch / (timed[-1] - timed[0]))
+
+    model.fit(data, epochs=case["warmup_windows"] + case["windows"], steps_per_epoch=case["steps"], verbose=0,
+              callbacks=[Windows()])
+    return rates
