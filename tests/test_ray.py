@@ -52,7 +52,7 @@ def assert_no_daemons_left(before, timeout=30):
 @pytest.fixture
 def local_ray():
     before = ray_daemons()
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
     try:
         yield

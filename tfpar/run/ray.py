@@ -169,8 +169,9 @@ def train(config, num_workers=2, use_gpu=False, max_failures=3, storage_path=Non
     check_before_ray(wconfig, most)
     started = not ray.is_initialized()
     if started:  # the cluster in RAY_ADDRESS, else a local one on loopback for this run
+        # address="local": a new cluster, never the one a stale /tmp/ray/ray_current_cluster names
         ray.init(**({} if os.environ.get("RAY_ADDRESS") else
-                    {"include_dashboard": False, "_node_ip_address": "127.0.0.1"}))
+                    {"address": "local", "include_dashboard": False, "_node_ip_address": "127.0.0.1"}))
     try:
         return _fit(ray_train, TensorflowTrainer, wconfig, num_workers, use_gpu, max_failures, storage_path, name,
                     callbacks)
