@@ -25,6 +25,26 @@ def run_reaped(command, timeout, env=None, merge_output=False, **kwargs):
     return proc.returncode, out, err or ""
 
 
+def run_together(commands, envs, timeout):
+    """Start every command at once (each in its own session, with its env); return ``(returncodes, logs)``.
+
+    For processes that only work together (the clients of one DTensor mesh):
+    whatever happens, every process group left running is SIGKILLed.
+    """
+    procs = []
+    try:
+        for command, env in zip(commands, envs):
+            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          start_new_session=True, text=True))
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return [p.returncode for p in procs], logs
+
+
 def script_result(path, timeout, env=None):
     """Run the test file ``path`` as a script (its scenarios need their own process, e.g. for logical CPUs);
     return its ``RESULT {json}`` line, parsed. The process is reaped whatever happens."""

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import quiet_env, run_reaped
+from helpers import quiet_env, run_reaped, run_together
 
 from tfpar.kerasfix import compat
 
@@ -135,26 +135,13 @@ def _two_processes_agree(out_dir):
 
 @pytest.mark.slow
 def test_initialize_with_addresses_trains_one_mesh_over_two_processes(tmp_path):
-    import signal
-    import subprocess
-
     from tfpar.runtime import launcher
 
     jobs = ",".join(f"127.0.0.1:{p}" for p in launcher.free_ports(2))
-    procs = []
-    try:
-        for index in range(2):
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "keras_distribution_worker.py"), "--process", str(index), jobs,
-                 str(tmp_path)], env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                start_new_session=True, text=True))
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    codes, logs = run_together(
+        [[sys.executable, os.path.join(HERE, "keras_distribution_worker.py"), "--process", str(index), jobs,
+          str(tmp_path)] for index in range(2)], [quiet_env()] * 2, timeout=600)
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     _two_processes_agree(tmp_path)
 
 

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import quiet_env, run_reaped
+from helpers import quiet_env, run_reaped, run_together
 
 from tfpar.parallel import sharding
 from tfpar.parallel.sharding import meshes, report
@@ -313,21 +313,12 @@ def test_two_dtensor_clients_train_one_2x2_mesh_like_plain_keras(tmp_path):
 
     ports = launcher.free_ports(2)
     jobs = ",".join(f"127.0.0.1:{p}" for p in ports)
-    procs = []
-    try:
-        for client in range(2):
-            env = quiet_env(DTENSOR_CLIENT_ID=str(client), DTENSOR_NUM_CLIENTS="2", DTENSOR_JOB_NAME="worker",
-                            DTENSOR_JOBS=jobs)
-            procs.append(subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "sharding_worker.py"), "--client", str(tmp_path / f"{client}.json")],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True))
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    codes, logs = run_together(
+        [[sys.executable, os.path.join(HERE, "sharding_worker.py"), "--client", str(tmp_path / f"{client}.json")]
+         for client in range(2)],
+        [quiet_env(DTENSOR_CLIENT_ID=str(client), DTENSOR_NUM_CLIENTS="2", DTENSOR_JOB_NAME="worker",
+                   DTENSOR_JOBS=jobs) for client in range(2)], timeout=600)
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
     results = [json.loads((tmp_path / f"{c}.json").read_text()) for c in range(2)]
     for client, result in enumerate(results):
         assert result["client"] == client and result["clients"] == 2
