@@ -45,6 +45,19 @@ def run_together(commands, envs, timeout):
     return [p.returncode for p in procs], logs
 
 
+def worker_json(script, args, out, timeout, env=None):
+    """Run the test worker ``script`` (beside this file) with ``args``; return the JSON it wrote to ``out``.
+
+    For scenarios that need their own process (logical CPUs are set before
+    TensorFlow starts); the process is reaped whatever happens.
+    """
+    code, _, stderr = run_reaped([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script),
+                                  *args, out], timeout=timeout, env=env)
+    assert code == 0, stderr[-3000:]
+    with open(out) as f:
+        return json.load(f)
+
+
 def script_result(path, timeout, env=None):
     """Run the test file ``path`` as a script (its scenarios need their own process, e.g. for logical CPUs);
     return its ``RESULT {json}`` line, parsed. The process is reaped whatever happens."""

@@ -28,7 +28,7 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import quiet_env, run_reaped
+from helpers import quiet_env, run_reaped, worker_json
 
 from tfpar import models
 from tfpar.parallel import pipeline
@@ -160,11 +160,7 @@ def test_fit_evaluate_predict_callbacks_and_save_load_round_trip(tmp_path):
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pipeline") / "result.json")
-    code, stdout, stderr = run_reaped([sys.executable, os.path.join(HERE, "pipeline_worker.py"), "equivalence", out],
-                                      timeout=900, env=quiet_env())
-    assert code == 0, stderr[-3000:]
-    with open(out) as f:
-        return json.load(f)
+    return worker_json("pipeline_worker.py", ["equivalence"], out, timeout=900, env=quiet_env())
 
 
 def test_weights_match_the_unsplit_model_for_every_model_stage_count_schedule_and_precision(worker):

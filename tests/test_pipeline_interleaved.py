@@ -9,14 +9,12 @@ while the step was built in schedule order. The slow test runs the same
 schedule on 2 processes (2 stages a task) against one process.
 """
 
-import json
 import os
-import sys
 
 import keras
 import pytest
 
-from helpers import quiet_env, run_reaped
+from helpers import quiet_env, worker_json
 
 from tfpar.parallel import pipeline
 from tfpar.parallel.pipeline import balance, schedules, tasks
@@ -126,11 +124,7 @@ def test_interleaved_flag_mistakes_exit_2(capsys, tmp_path, args, message):
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("interleaved") / "result.json")
-    code, _, stderr = run_reaped([sys.executable, os.path.join(HERE, "pipeline_worker.py"), "interleaved", out],
-                                 timeout=600, env=quiet_env())
-    assert code == 0, stderr[-3000:]
-    with open(out) as f:
-        return json.load(f)
+    return worker_json("pipeline_worker.py", ["interleaved"], out, timeout=600, env=quiet_env())
 
 
 def test_four_stages_on_two_cpus_match_the_unsplit_model_and_1f1b(worker):

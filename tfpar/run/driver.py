@@ -70,7 +70,7 @@ def run(config, print_fn=print, callbacks=()):
     if hook.serves():
         return hook.serve()
     check_model_dir(config)
-    from tfpar.parallel import fixes
+    from tfpar.parallel import fixes  # here, not at the top: importing the hook table must not import TensorFlow
 
     fixes.apply()  # every tfpar entry point: a user's keras.distribution is honoured, never silently ignored
     started = time.time()
