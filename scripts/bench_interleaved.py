@@ -23,13 +23,24 @@ def one_process(case, micro=8):
                            "interleaved_1f1b", pipeline_devices=2), virtual_cpus=2)]
 
 
-def two_processes(quick, model="resnet18", micro=8):
-    """1 process; then 2 one-core processes: 2 stages (1F1B), and 4 stages, 2 a task, interleaved; the same M."""
+def two_processes(quick, model="resnet18", micro=8, image=32, batch=None, train_options=None, schedules=("1f1b",),
+                  data_parallel=False):
+    """1 process; then 2 one-core processes: 2 stages (each of ``schedules``), 4 stages (2 a task) interleaved.
+
+    Every pipelined case runs M = ``micro`` micro-batches of the 1-process batch. ``data_parallel`` adds 2
+    workers data parallel on the same global batch (a ``micro``-fold batch per worker), for images/sec
+    against the pipeline on the same processes.
+    """
     one = dict(windows=1 if quick else 2, warmup_windows=1, steps=3 if quick else 4, classes=10, model=model,
-               image=32, batch=8 if quick else 16, pin=True, strategy="one_device", kind="tfpar")
+               image=image, batch=batch or (8 if quick else 16), pin=True, strategy="one_device", kind="tfpar",
+               train_options=dict(train_options or {}))
     piped = dict(one, workers=2, batch=micro * one["batch"], steps=3)
-    return [dict(one, name=f"{model} 1 process, 1 core"),
-            _pipeline(piped, f"{model} 2 processes, 2 stages, 1f1b, {micro} micro-batches of {one['batch']}",
-                      2, micro, "1f1b"),
-            _pipeline(piped, f"{model} 2 processes, 4 stages (2 a process), interleaved_1f1b, {micro} micro-batches "
-                      f"of {one['batch']}", 4, micro, "interleaved_1f1b")]
+    cases = [dict(one, name=f"{model} 1 process, 1 core")]
+    if data_parallel:
+        cases.append(dict(piped, strategy="multi_worker",
+                          name=f"{model} 2 processes, data parallel, {micro * one['batch'] // 2} a worker"))
+    cases += [_pipeline(piped, f"{model} 2 processes, 2 stages, {schedule}, {micro} micro-batches of {one['batch']}",
+                        2, micro, schedule) for schedule in schedules]
+    cases.append(_pipeline(piped, f"{model} 2 processes, 4 stages (2 a process), interleaved_1f1b, {micro} "
+                           f"micro-batches of {one['batch']}", 4, micro, "interleaved_1f1b"))
+    return cases

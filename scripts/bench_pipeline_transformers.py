@@ -1,8 +1,10 @@
 """The ``pipeline_transformers`` comparison of scripts/benchmark.py: a small keras-hub Gemma, tokens/sec.
 
 One process (plain Keras ``fit``, one core; with the pipeline's 8 x 16
-sequences per step, and with 16) against 2 stages on 2 worker processes (GPipe and 1F1B, tfpar.pipeline.split over the tasks of the
-TF_CONFIG cluster that benchmark.py's launcher makes). Worker 0 drives;
+sequences per step, and with 16) against 2 worker processes of one core
+each: 2 stages with GPipe and 1F1B, and 4 stages (2 a process, round-robin)
+with interleaved 1F1B, all at M = 8 (tfpar.pipeline.split over the tasks of
+the TF_CONFIG cluster that benchmark.py's launcher makes). Worker 0 drives;
 worker 1 only serves its stage. A case's ``batch`` is tokens per step, so
 benchmark.py's images/sec column reads tokens/sec.
 """
@@ -19,7 +21,9 @@ def cases(quick):
     return [dict(same, name=f"gemma {LAYERS}x{HIDDEN} 1 process, 1 core, {8 * sequences} sequences per step"),
             dict(one, name=f"gemma 1 process, 1 core, {sequences} sequences per step"),
             dict(two, name=f"gemma 2 processes, 2 stages gpipe, 8 micro-batches of {sequences}", schedule="gpipe"),
-            dict(two, name=f"gemma 2 processes, 2 stages 1f1b, 8 micro-batches of {sequences}", schedule="1f1b")]
+            dict(two, name=f"gemma 2 processes, 2 stages 1f1b, 8 micro-batches of {sequences}", schedule="1f1b"),
+            dict(two, name=f"gemma 2 processes, 4 stages (2 a process) interleaved_1f1b, 8 micro-batches of "
+                 f"{sequences}", schedule="interleaved_1f1b", stages=4)]
 
 
 def measure(case, window_timer):
@@ -48,7 +52,8 @@ def measure(case, window_timer):
     if devices:
         from tfpar.parallel import pipeline
 
-        model = pipeline.split(model, stages=2, micro_batches=case["micro_batches"], schedule=case["schedule"],
+        model = pipeline.split(model, stages=case.get("stages", 2), micro_batches=case["micro_batches"],
+                               schedule=case["schedule"],
                                balance="flops", devices=devices, print_fn=None)
     model.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=False)

@@ -420,6 +420,11 @@ def suites(name):
         # the pipeline sends activations at one cut; data parallel all-reduces every gradient (ratios per process).
         "pipeline_vs_data_parallel": [c for model in ("vgg16_bn", "resnet50") for c in _stage_vs_data(model, quick)],
         "pipeline_transformers": _transformer_cases(quick),
+        # ViT-S/16 (32 px, 4 px patches: 64 tokens) on 2 one-core processes: data parallel, GPipe, 1F1B,
+        # interleaved 1F1B at the same M, against 1 process; the bubble of each schedule from a trace.
+        "pipeline_vit": bench_interleaved.two_processes(quick, model="vit_s16", batch=4 if quick else 8,
+                                                        train_options={"patch_size": 4},
+                                                        schedules=("gpipe", "1f1b"), data_parallel=True),
         "stragglers": stragglers_cases(base, quick),
         "precision": [dict(r50, name="resnet50 float32", kind="tfpar"),
                       dict(r50, name="resnet50 mixed_bfloat16", kind="tfpar", precision="mixed_bfloat16")],

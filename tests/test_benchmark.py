@@ -116,6 +116,19 @@ def test_pipeline_vs_data_parallel_runs_both_models_on_the_same_two_pinned_proce
         assert piped["train_options"]["stages"] == 2
 
 
+@pytest.mark.parametrize("suite", ["default", "quick"])
+def test_pipeline_vit_runs_every_schedule_at_the_same_m_beside_data_parallel(suite):
+    one, data, *piped = benchmark.suites(suite)["pipeline_vit"]
+    assert {c["model"] for c in (one, data, *piped)} == {"vit_s16"} and all(c["pin"] for c in (one, data, *piped))
+    assert all(c["train_options"]["patch_size"] == 4 for c in (one, data, *piped))
+    assert data["strategy"] == "multi_worker" and data["workers"] == 2
+    assert [c["train_options"]["schedule"] for c in piped] == ["gpipe", "1f1b", "interleaved_1f1b"]
+    assert [c["train_options"]["stages"] for c in piped] == [2, 2, 4]
+    assert {c["train_options"]["micro_batches"] for c in piped} == {8} and all(c["pipeline_trace"] for c in piped)
+    # the same global batch: 8 micro-batches of the 1-process batch, or half of it on each data-parallel worker
+    assert {benchmark.examples_per_step(c) for c in (data, *piped)} == {8 * one["batch"]}
+
+
 def test_a_comparison_of_two_models_reads_each_against_its_own_first_case():
     rows = benchmark.merge_rounds([[case("a 1", [10.0], model="a"), case("a 2", [16.0], model="a", workers=2),
                                     case("b 1", [4.0], model="b"), case("b 2", [6.0], model="b", workers=2)]])
