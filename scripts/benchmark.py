@@ -476,7 +476,7 @@ TARGETS = {"tfpar_vs_keras": 0.98, "keras3_vs_tf_keras": 1.0, "scaling_plain": 0
 CEILING_TARGETS = {"scaling": 0.95, "stragglers": 0.9}  # of the machine's own ceiling (two copies that never
 # communicate; for stragglers the ideal: the two workers' solo speeds added, add_ideal_ratios)
 # Small differences on a noisy VM: A B A B, the median of the per-round ratios (0.82-1.02 in single runs).
-ROUNDS = {"tfpar_vs_keras": 2, "keras3_vs_tf_keras": 2}
+ROUNDS = {"tfpar_vs_keras": 2, "keras3_vs_tf_keras": 2, "autotune": 2}
 
 
 def ratio(case, baseline):
@@ -546,6 +546,8 @@ def merge_rounds(rounds):
             continue
         case = dict(runs[0], **summarise([x for r in runs for x in r["rates"]], examples_per_step(runs[0])),
                     wall_sec=round(sum(r["wall_sec"] for r in runs), 1), rounds=len(runs))
+        if len(runs) > 1:  # each round's own images/sec, for ratios taken round by round (autotune)
+            case["round_rates"] = [statistics.median(r["rates"]) for r in runs]
         if len(runs) > 1 and all("profile" in r for r in runs):
             case["profile_rounds"] = [r["profile"] for r in runs]
         if not _is_baseline(runs[0], rounds[0]):

@@ -69,7 +69,8 @@ def test_trials_leave_training_unchanged_and_the_cache_is_used_then_refused(tmp_
     data = _data()  # the run's own; trials read a copy made by _data
     report = autotune.autotune(tuned, None, _data, clock=clock, print_fn=lines.append, environ=env)
     assert report["choice"] == {"xla": True, "bucket_mb": 0.0, "all_reduce_dtype": "float32", "micro_batches": 2}
-    assert len(report["trials"]) == 4 and report["cached"] is None  # start, XLA on, then 2 and 4 micro-batches
+    # XLA and micro-batches together: every pair of (off, on) x (1, 2, 4), the start first
+    assert len(report["trials"]) == 6 and report["cached"] is None
     assert any("<- chosen" in line for line in lines) and lines[-1].startswith("autotune: chose XLA on")
     after = _state(tuned)
     assert all(np.array_equal(a, b) for a, b in zip(before, after)), "a trial changed the model's state"

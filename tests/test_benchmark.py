@@ -186,3 +186,16 @@ def test_autotune_is_read_against_the_best_manual_setting_and_the_default():
     text = benchmark.markdown({"machine": {"cpu": "x", "gpu": None}, "date": "d", "suite": "default",
                                "versions": {}, "comparisons": {"autotune": cases}})
     assert "/ best manual (gemma manual: XLA on) 0.986 (target 0.97), / untuned default 1.380" in text
+
+
+def test_autotune_ratios_are_taken_round_by_round():
+    """The machine ran 20% faster in round 2: paired per-round ratios see 1.0, pooled rates would not."""
+    manual = [case("g manual: XLA off", [10.0, 12.0], model="g", round_rates=[10.0, 12.0],
+                   setting={"xla": False, "micro_batches": 1}),
+              case("g manual: XLA on", [11.0, 13.2], model="g", round_rates=[11.0, 13.2],
+                   setting={"xla": True, "micro_batches": 1})]
+    tuned = case("g autotuned", [13.2, 11.0], model="g", kind="bench_autotuned", round_rates=[11.0, 13.2],
+                 autotune={"choice": {"xla": True, "micro_batches": 1}, "tune_sec": 5.0})
+    benchmark.bench_autotune.add_autotune_ratios(manual + [tuned])
+    assert tuned["ratio_to_best_manual"] == pytest.approx(1.0) and tuned["same_as_best"]
+    assert "the same setting" in benchmark.bench_autotune.lines([tuned])[0]

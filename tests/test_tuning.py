@@ -28,22 +28,33 @@ def test_the_fastest_setting_is_chosen_in_the_pruned_order():
     space = {"xla": [False, True], "bucket_mb": [25.0, 0.0, 5.0], "all_reduce_dtype": ["float32", "bfloat16"],
              "micro_batches": [1, 2]}
 
-    def times(s):  # XLA wins; given XLA, 5 MiB buckets win; bfloat16 loses; 2 micro-batches win
+    def times(s):  # XLA wins; 2 micro-batches win; given both, 5 MiB buckets win; bfloat16 loses
         return ((1.0 if s["xla"] else 2.0) + {25.0: 0.0, 0.0: 0.05, 5.0: -0.1}[s["bucket_mb"]]
                 + (0.2 if s["all_reduce_dtype"] == "bfloat16" else 0.0) - (0.01 if s["micro_batches"] == 2 else 0))
 
     trial, calls = clock(times)
     result = tuning.search(space, trial)
     assert result.choice == {"xla": True, "bucket_mb": 5.0, "all_reduce_dtype": "float32", "micro_batches": 2}
-    assert len(calls) == tuning.count(space) == 1 + 1 + 2 + 1 + 1  # each candidate once, the start once
-    assert [t.changed for t in result.trials] == ["", "xla", "bucket_mb", "bucket_mb", "all_reduce_dtype",
-                                                  "micro_batches"]
-    # buckets were timed with XLA already on: the search is pruned, not exhaustive
-    assert all(c["xla"] for c in calls[2:])
+    # the start once; XLA x micro-batches every pair; then each other candidate once
+    assert len(calls) == tuning.count(space) == 1 + 3 + 2 + 1
+    assert [t.changed for t in result.trials] == ["", "xla", "micro_batches", "xla+micro_batches", "bucket_mb",
+                                                  "bucket_mb", "all_reduce_dtype"]
+    # buckets were timed with XLA and 2 micro-batches already chosen: the search is pruned, not exhaustive
+    assert all(c["xla"] and c["micro_batches"] == 2 for c in calls[4:])
     assert result.best().setting == result.choice and not result.cut_short
     # the chosen row is marked in the table
     lines = tuning.table(result)
     assert len(lines) == 1 + len(calls) and sum("<- chosen" in line for line in lines) == 1
+
+
+def test_xla_and_micro_batches_are_timed_together_because_they_interact():
+    # As measured for a small Gemma on one CPU: XLA alone no faster, micro-batches alone slower, both together fastest.
+    table = {(False, 1): 1.00, (True, 1): 1.02, (False, 2): 1.05, (True, 2): 0.97, (False, 4): 1.10, (True, 4): 0.83}
+    trial, calls = clock(lambda s: table[(s["xla"], s["micro_batches"])])
+    result = tuning.search({"xla": [False, True], "micro_batches": [1, 2, 4]}, trial)
+    assert result.choice == {"xla": True, "micro_batches": 4}
+    assert len(calls) == len(table) and len({(c["xla"], c["micro_batches"]) for c in calls}) == len(table)
+    assert calls[1] == {"xla": True, "micro_batches": 1}  # XLA flipped first: a short budget still tries it
 
 
 def test_a_tie_keeps_the_starting_point_and_fixed_settings_are_never_timed():

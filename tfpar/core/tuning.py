@@ -4,12 +4,16 @@ tfpar's ``auto`` rules (XLA off on CPUs, 25 MiB buckets, float32 sums, one
 micro-batch) misfire across models: on one 2-core CPU XLA lost 3.5x on
 ResNet-50 and won 1.34x on a small transformer. So ``--autotune`` measures.
 Timing every combination would cost too much of a run, so the search is
-pruned, one setting at a time in ``ORDER``: XLA first (it changes
-everything else's cost), then the bucket size given that XLA choice, then
-the all-reduce dtype, then micro-batches; the precision policy, when the
-user allowed more than one, goes before them all. Each setting keeps the
-fastest candidate and the next setting is timed on top of it; the setting
-already timed is never timed again.
+pruned, one group of settings at a time in ``GROUPS``: the precision policy
+first, when the user allowed more than one (it changes everything else's
+cost); then XLA and micro-batches together, every pair, because they
+interact: XLA compiles the whole accumulated step, and on one 2-core Xeon a
+small keras-hub Gemma ran as fast with XLA as without at one micro-batch but
+1.21x faster with it at four, while without XLA more micro-batches only lost
+(benchmarks/results, ``--only autotune``); a search that fixed XLA at one
+micro-batch first never found that pair. Then the bucket size given those
+choices, then the all-reduce dtype. Each group keeps its fastest candidate
+and the next group is timed on top of it; no setting is timed twice.
 
 ``search(space, trial, start)`` runs that order with any ``trial`` function
 (the real one times steps; tests pass a fake clock), within a budget of
@@ -18,9 +22,12 @@ ran, and whether the budget cut the search short.
 """
 
 import dataclasses
+import itertools
 
 # The order settings are tuned in; earlier choices are fixed while later ones are timed.
-ORDER = ("precision", "xla", "bucket_mb", "all_reduce_dtype", "micro_batches")
+ORDER = ("precision", "xla", "micro_batches", "bucket_mb", "all_reduce_dtype")
+# Settings timed together (every combination) because one changes what the other costs.
+GROUPS = (("precision",), ("xla", "micro_batches"), ("bucket_mb",), ("all_reduce_dtype",))
 LABELS = {"precision": "precision", "xla": "XLA", "bucket_mb": "bucket MiB", "all_reduce_dtype": "all-reduce",
           "micro_batches": "micro-batches"}
 
@@ -35,7 +42,7 @@ class Trial:
 
     setting: dict
     step_sec: float
-    changed: str = ""  # the setting this trial varied ("" for the starting point)
+    changed: str = ""  # the setting(s) this trial varied, "+"-joined ("" for the starting point)
 
 
 @dataclasses.dataclass
@@ -65,13 +72,25 @@ def tuned(space):
     return [name for name in ORDER if len(space.get(name, ())) > 1]
 
 
+def _candidates(space, group, current):
+    """Every combination of ``group``'s tuned settings on top of ``current``, in order: the first setting
+    of the group varies fastest, so a budget that cuts the search short has tried XLA before micro-batches."""
+    names = [name for name in group if len(space.get(name, ())) > 1]
+    combos = itertools.product(*(space[name] for name in reversed(names)))
+    return names, [{**current, **dict(zip(reversed(names), combo))} for combo in combos]
+
+
 def count(space):
-    """How many trials the pruned search runs for ``space``: the start, then each other candidate once."""
-    return 1 + sum(len(space[name]) - 1 for name in tuned(space))
+    """How many trials the search runs for ``space``: the start, then each other combination of a group once."""
+    total = 1
+    for group in GROUPS:
+        names, candidates = _candidates(space, group, {})
+        total += len(candidates) - 1 if names else 0
+    return total
 
 
 def search(space, trial, start=None, max_trials=None):
-    """Time ``space``'s candidates in ``ORDER`` and keep the fastest of each setting.
+    """Time ``space``'s candidates group by group (``GROUPS``) and keep the fastest of each group.
 
     Args:
       space: setting name -> candidates (first: the value ``auto`` would pick
@@ -86,24 +105,26 @@ def search(space, trial, start=None, max_trials=None):
     Raises:
       NothingToTune: no setting of ``space`` has more than one candidate.
     """
-    names = tuned(space)
-    if not names:
+    if not tuned(space):
         raise NothingToTune("Nothing to tune: every setting has one candidate.")
     current = dict(start) if start is not None else {name: values[0] for name, values in space.items()}
     trials = [Trial(dict(current), float(trial(dict(current))))]
     cut = False
-    for name in names:
-        group = [next(t for t in trials if t.setting == current)]
-        for value in space[name]:
-            if value == current[name]:
+    for group in GROUPS:
+        names, candidates = _candidates(space, group, current)
+        if not names:
+            continue
+        timed = [next(t for t in trials if t.setting == current)]
+        for setting in candidates:
+            if setting == current:
                 continue
             if max_trials is not None and len(trials) >= max_trials:
                 cut = True
                 break
-            setting = {**current, name: value}
-            trials.append(Trial(setting, float(trial(dict(setting))), name))
-            group.append(trials[-1])
-        current = dict(fastest(group).setting)
+            changed = "+".join(name for name in names if setting[name] != current[name])
+            trials.append(Trial(setting, float(trial(dict(setting))), changed))
+            timed.append(trials[-1])
+        current = dict(fastest(timed).setting)
         if cut:
             break
     return Result(current, trials, cut)
