@@ -5,9 +5,12 @@ CPUs three ways: tfpar's mirrored strategy, ``keras.distribution.DataParallel``
 and ``ModelParallel`` with Gemma's own ``get_layout_map`` on a 2x2 mesh. The
 rate is sequences/sec (tokens/sec = that x ``seq``). The first case also
 counts parameter and Adam bytes per device for a Gemma-7B-shaped backbone on a
-batch=2,model=4 mesh without allocating its weights (TF stores one zero per variable; Keras keeps the shapes) (replicated, model-sharded,
-and FSDP-style: Gemma's map, which also splits weights over ``batch``), and
-reports a JAX-backend run only when ``jax`` is importable.
+batch=2,model=4 mesh without allocating its weights (TF stores one zero per
+variable; Keras keeps the shapes) (replicated, model-sharded, and
+FSDP-style: Gemma's map, which also splits weights over ``batch``). Where
+``jax`` is importable (``pip install -e ".[bench]"``), the same two
+``keras.distribution`` ways also run on Keras's JAX backend, the reference
+implementation, on 4 XLA host devices over the same 2 cores.
 
 Run alone: ``python scripts/bench_keras_distribution.py`` prints the memory table.
 """
@@ -24,16 +27,59 @@ MEMORY_MESH = {"batch": 2, "model": 4}
 
 
 def cases(base):
-    """The comparison: mirrored first (the ratio's base), then the two keras.distribution ways."""
+    """The comparison: mirrored first (the ratio's base), then the two keras.distribution ways (and on JAX)."""
     tiny = dict(base, kind="keras_distribution", model="gemma_tiny", batch=16, seq=32, virtual_cpus=4)
-    return [dict(tiny, name="gemma tiny, tfpar mirrored x4 (sequences/sec)", way="mirrored", memory=True),
-            dict(tiny, name="gemma tiny, keras.distribution.DataParallel x4", way="data_parallel"),
-            dict(tiny, name="gemma tiny, ModelParallel batch=2,model=2, Gemma's layout map", way="model_parallel")]
+    found = [dict(tiny, name="gemma tiny, tfpar mirrored x4 (sequences/sec)", way="mirrored", memory=True),
+             dict(tiny, name="gemma tiny, keras.distribution.DataParallel x4", way="data_parallel"),
+             dict(tiny, name="gemma tiny, ModelParallel batch=2,model=2, Gemma's layout map", way="model_parallel")]
+    if importlib.util.find_spec("jax") is not None:
+        found += [dict(tiny, name="gemma tiny, Keras 3 on JAX, DataParallel x4", way="jax_data_parallel"),
+                  dict(tiny, name="gemma tiny, Keras 3 on JAX, ModelParallel batch=2,model=2, Gemma's layout map",
+                       way="jax_model_parallel")]
+    return found
+
+
+def _data(case):
+    import numpy as np
+
+    rng = np.random.RandomState(0)
+    n = case["batch"] * case["steps"]
+    x = {"token_ids": rng.randint(0, GEMMA_TINY["vocabulary_size"], (n, case["seq"])).astype("int32"),
+         "padding_mask": np.ones((n, case["seq"]), "int32")}
+    return x, rng.rand(n, case["seq"], GEMMA_TINY["hidden_dim"]).astype("float32")
+
+
+def _distribution(keras, keras_hub, way):
+    names = keras.distribution.list_devices()
+    if way.endswith("data_parallel"):
+        return keras.distribution.DataParallel(devices=names)
+    mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices=names)
+    return keras.distribution.ModelParallel(layout_map=keras_hub.models.GemmaBackbone.get_layout_map(mesh),
+                                            batch_dim_name="batch")
+
+
+def _measure_jax(case, window_timer):
+    """The same model, data and fit on Keras's JAX backend (a fresh process: the backend is chosen at import)."""
+    os.environ["KERAS_BACKEND"] = "jax"
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={case['virtual_cpus']}"
+    import keras
+    import keras_hub
+
+    x, y = _data(case)
+    with _distribution(keras, keras_hub, case["way"]).scope():
+        model = keras_hub.models.GemmaBackbone(**GEMMA_TINY)
+        model.compile(keras.optimizers.Adam(1e-3), "mse")
+    timer = window_timer(keras, case["batch"], case["warmup_windows"])
+    model.fit(x, y, batch_size=case["batch"], epochs=case["windows"] + case["warmup_windows"], verbose=0,
+              shuffle=False, callbacks=[timer])
+    return {"rates": timer.rates, "params": int(model.count_params()), "seq": case["seq"],
+            "tokens_per_sec": [r * case["seq"] for r in timer.rates], "backend": "jax"}
 
 
 def measure(case, window_timer):
+    if case["way"].startswith("jax_"):
+        return _measure_jax(case, window_timer)
     os.environ["KERAS_BACKEND"] = "tensorflow"
-    import numpy as np
     import tensorflow as tf
 
     from tfpar.core import devices
@@ -46,21 +92,9 @@ def measure(case, window_timer):
     from tfpar import strategies
 
     tfpar.compat.apply()
-    rng = np.random.RandomState(0)
-    n = case["batch"] * case["steps"]
-    x = {"token_ids": rng.randint(0, GEMMA_TINY["vocabulary_size"], (n, case["seq"])).astype("int32"),
-         "padding_mask": np.ones((n, case["seq"]), "int32")}
-    y = rng.rand(n, case["seq"], GEMMA_TINY["hidden_dim"]).astype("float32")
-    names = keras.distribution.list_devices()
+    x, y = _data(case)
     way = case["way"]
-    if way == "mirrored":
-        scope = strategies.create("mirrored").scope()
-    elif way == "data_parallel":
-        scope = keras.distribution.DataParallel(devices=names).scope()
-    else:
-        mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], devices=names)
-        scope = keras.distribution.ModelParallel(
-            layout_map=keras_hub.models.GemmaBackbone.get_layout_map(mesh), batch_dim_name="batch").scope()
+    scope = strategies.create("mirrored").scope() if way == "mirrored" else _distribution(keras, keras_hub, way).scope()
     with scope:
         model = keras_hub.models.GemmaBackbone(**GEMMA_TINY)
         model.compile(keras.optimizers.Adam(1e-3), "mse")
@@ -72,8 +106,8 @@ def measure(case, window_timer):
            "tokens_per_sec": [r * case["seq"] for r in timer.rates]}
     if case.get("memory"):
         out["memory"] = memory_table()
-        out["jax"] = ("skipped: jax is not installed" if importlib.util.find_spec("jax") is None else
-                      "jax is installed, but the JAX-backend run is not written yet")
+        if importlib.util.find_spec("jax") is None:
+            out["jax"] = "skipped: jax is not installed (pip install -e .[bench] adds jax[cpu])"
     return out
 
 
