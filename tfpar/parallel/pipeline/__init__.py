@@ -31,13 +31,15 @@ def _positive(name, value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
-def plan_stages(model, stages, balance="time", devices=None, micro_batch=8, devices_per_copy=None):
+def plan_stages(model, stages, balance="time", devices=None, micro_batch=8, devices_per_copy=None,
+                micro_batches=None):
     """Cut ``model`` into ``stages``: ``(units, counts, table)`` without building the pipelined model.
 
     ``counts[s]`` is how many of ``units`` stage s holds; ``table`` the stage
     table (with measured ms when ``balance="time"``, else ``None`` there).
     ``devices_per_copy`` below ``stages`` (interleaved 1F1B) balances each
-    device's summed stages instead of single stages (``balance.best_round_robin``).
+    device's summed stages and the slowest stage at ``micro_batches``
+    (``balance.best_round_robin``) instead of single stages.
     """
     _positive("stages", stages)
     unit_list = partition.units(model)
@@ -55,7 +57,7 @@ def plan_stages(model, stages, balance="time", devices=None, micro_batch=8, devi
     if not isinstance(balance, list):
         costs = times if balance == "time" else balance_lib.unit_costs(unit_list, balance)
         if devices_per_copy and devices_per_copy < stages:  # interleaved: V stages a device, round-robin
-            counts, _ = balance_lib.best_round_robin(costs, stages, devices_per_copy)
+            counts, _ = balance_lib.best_round_robin(costs, stages, devices_per_copy, micro_batches)
         else:
             counts, _ = balance_lib.best_partition(costs, stages)
     return unit_list, counts, balance_lib.table(unit_list, counts, devices, times=times)
@@ -103,7 +105,7 @@ def split(model, stages=2, micro_batches=4, schedule="1f1b", balance="time", dev
                               "stages x replicas" if per_copy == stages else "pipeline_devices x replicas")
     devices = [found[r * per_copy + schedules.device_of(s, per_copy)] for r in range(replicas) for s in range(stages)]
     micro = max(1, (batch_size or DEFAULT_TIMING_BATCH) // (micro_batches * replicas))
-    unit_list, counts, table = plan_stages(model, stages, balance, devices[:stages], micro, per_copy)
+    unit_list, counts, table = plan_stages(model, stages, balance, devices[:stages], micro, per_copy, micro_batches)
     stage_models = partition.stage_models(unit_list, counts, name=f"{model.name}_stage")
     weights = [list(m.trainable_weights) for m in stage_models]
     for s, stage_model in enumerate(stage_models):

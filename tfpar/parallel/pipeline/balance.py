@@ -60,16 +60,29 @@ def best_partition(costs, stages):
     return counts[::-1], float(best[stages][n])
 
 
-def best_round_robin(costs, stages, devices, limit=200_000):
-    """Cuts for stages placed round-robin on ``devices`` (stage s on device s mod D), minimising the busiest
-    device's summed cost, then the slowest stage.
+def round_robin_step(sums, devices, micro_batches):
+    """A step's length in cost units for stage costs ``sums`` placed round-robin on ``devices``.
 
-    Interleaved 1F1B keeps each device busy with all of its V stages, so the
-    busiest device sets the step time. Exact by enumerating the contiguous
-    partitions when there are at most ``limit`` of them; beyond that, the
-    stage DP (``best_partition``). Returns ``(counts, busiest device's cost)``.
+    In steady state every device runs each of its V stages once per micro-batch, so ``micro_batches``
+    times the busiest device's summed stages; filling and draining the pipeline adds about (D - 1) times
+    the slowest stage, which is the (D - 1) / (V·M + D - 1) bubble when stages are equal.
+    """
+    busiest = max(sum(sums[d::devices]) for d in range(devices))
+    return micro_batches * busiest + (devices - 1) * max(sums)
+
+
+def best_round_robin(costs, stages, devices, micro_batches=None, limit=200_000):
+    """Cuts for stages placed round-robin on ``devices`` (stage s on device s mod D), minimising the step
+    of ``round_robin_step`` at ``micro_batches`` (default V x D): the busiest device's summed cost, and
+    the slowest stage, which sets the fill and drain.
+
+    Balancing only the devices' sums let the slowest stage grow without bound: ViT-S/16 in 4 stages on 2
+    processes was cut into stages of 280, 356, 75 and 1 ms (sums 355 and 357), and ran at 0.76x 1F1B's
+    speed. Exact by enumerating the contiguous partitions when there are at most ``limit`` of them;
+    beyond that, the stage DP (``best_partition``). Returns ``(counts, busiest device's cost)``.
     """
     n = len(costs)
+    micro_batches = micro_batches or stages
     if devices >= stages or math.comb(n - 1, stages - 1) > limit:
         counts, _ = best_partition(costs, stages)
     else:
@@ -78,7 +91,7 @@ def best_round_robin(costs, stages, devices, limit=200_000):
         for cuts in itertools.combinations(range(1, n), stages - 1):
             bounds = (0,) + cuts + (n,)
             sums = [prefix[b] - prefix[a] for a, b in zip(bounds, bounds[1:])]
-            key = (max(sum(sums[d::devices]) for d in range(devices)), max(sums))
+            key = (round_robin_step(sums, devices, micro_batches), max(sums))
             if best_key is None or key < best_key:
                 best_key, counts = key, [b - a for a, b in zip(bounds, bounds[1:])]
     starts = np.cumsum([0] + counts[:-1])
