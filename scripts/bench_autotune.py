@@ -70,6 +70,8 @@ def add_autotune_ratios(cases):
     With rounds (A B A B: every case once per round), each ratio is the median of the per-round ratios, so a
     machine whose speed drifts by 10-15% between minutes (as this 2-core one does) moves both sides alike.
     ``same_as_best``: the autotuned choice is the best manual setting, so its ratio is noise around 1.
+    ``choice_in_sweep``: the sweep's own rate for the chosen setting over the sweep's best: how good the
+    choice is, free of the autotuned process's noise (one process differs from the next by up to 15% here).
     """
     for tuned in (c for c in cases if c.get("kind") == "bench_autotuned" and "error" not in c):
         same = [c for c in cases if c.get("model") == tuned["model"] and "error" not in c]
@@ -80,11 +82,17 @@ def add_autotune_ratios(cases):
             tuned["ratio_to_best_manual"] = _paired(tuned, best)
             tuned["best_manual"] = best["name"]
             choice = (tuned.get("autotune") or {}).get("choice", {})
-            tuned["same_as_best"] = bool(best.get("setting")) and all(choice.get(k) == v for k, v in best.get("setting", {}).items()
-                                        if k in ("xla", "micro_batches"))
+            tuned["same_as_best"] = bool(best.get("setting")) and _same(choice, best["setting"])
+            chosen = [c for c in manual if c.get("setting") and _same(choice, c["setting"])]
+            if chosen:
+                tuned["choice_in_sweep"] = _paired(chosen[0], best)
         if default:
             tuned["ratio_to_default"] = _paired(tuned, default)
     return cases
+
+
+def _same(choice, setting):
+    return bool(choice) and all(choice.get(k) == setting.get(k) for k in ("xla", "micro_batches"))
 
 
 def _paired(case, base):
@@ -106,7 +114,9 @@ def lines(cases):
                        f"{choice.get('micro_batches')} micro-batch(es) in {c['autotune']['tune_sec']:.0f} s; "
                        f"/ best manual ({c.get('best_manual')}) {c.get('ratio_to_best_manual', 0):.3f} "
                        f"(target 0.97{'; the same setting' if c.get('same_as_best') else ''}), "
-                       f"/ untuned default {c.get('ratio_to_default', 0):.3f}")
+                       f"/ untuned default {c.get('ratio_to_default', 0):.3f}"
+                       + (f"; the sweep's own rate for the choice / its best {c['choice_in_sweep']:.3f}"
+                          if "choice_in_sweep" in c else ""))
     return out
 
 

@@ -4,9 +4,10 @@
 (dict inputs, a padding mask that zeros some positions) at S=2 and 4 with
 GPipe and 1F1B, BERT (three inputs, two outputs) at S=2, and a tfpar ResNet-18
 used as a layer inside another model at S=2, and compares each with the
-unsplit model. ``cluster OUT`` (every task of a TF_CONFIG cluster of 2
-workers, run by tfpar-launch): a Gemma pipeline of 2 stages, one per task,
-then the unsplit model in worker 0's process alone, and how far apart they end.
+unsplit model. ``cluster OUT [gemma|vit]`` (every task of a TF_CONFIG cluster
+of 2 workers, run by tfpar-launch): a Gemma (or a tiny tfpar ViT) pipeline of
+2 stages, one per task, then the unsplit model in worker 0's process alone,
+and how far apart they end.
 """
 
 import json
@@ -45,6 +46,9 @@ def build(name):
         x = keras.Input((32, 32, 3), name="image")
         out = keras.layers.Dense(10, activation="softmax", name="head")(inner(keras.layers.Rescaling(0.5)(x)))
         return keras.Model(x, out, name=name)
+    if name == "vit":  # tfpar's own ViT-Ti at 16 px, 4 px patches, 24 wide, 4 encoder blocks
+        return models.build("vit_ti16", num_classes=10, input_shape=(16, 16, 3), patch_size=4,
+                            width_multiplier=0.125, blocks=4)
     if name == "gpt2":
         backbone = keras_hub.models.GPT2Backbone(vocabulary_size=VOCAB, num_layers=2, num_heads=2, hidden_dim=8,
                                                  intermediate_dim=16, max_sequence_length=T, dropout=0.0)
@@ -66,8 +70,9 @@ def build(name):
 def data(name):
     rng = np.random.RandomState(0)
     n = BATCH * STEPS
-    if name == "resnet_in_a_model":
-        return rng.rand(n, 32, 32, 3).astype("float32"), np.arange(n) % 10
+    if name in ("resnet_in_a_model", "vit"):
+        size = 16 if name == "vit" else 32
+        return rng.rand(n, size, size, 3).astype("float32"), np.arange(n) % 10
     x = {"token_ids": rng.randint(1, VOCAB, (n, T)).astype("int32"),
          "padding_mask": (np.arange(T)[None, :] < T - np.arange(n)[:, None] % 4).astype("int32")}  # 0-3 pads
     y = rng.randint(0, VOCAB, (n, T))
@@ -78,7 +83,8 @@ def data(name):
 
 
 def compile_(model):
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=not model.name.startswith("resnet"))  # its head has a softmax
+    logits = model.name in ("gpt2", "gemma", "bert")  # the ResNet's and the ViT's heads end in a softmax
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=logits)
     model.compile(keras.optimizers.SGD(0.05, momentum=0.9), loss, jit_compile=False)
 
 
@@ -135,8 +141,9 @@ def equivalence(save):
     return out
 
 
-def cluster(save):
-    """Gemma in 2 stages on the 2 worker tasks (worker 0 drives), then unsplit in worker 0 alone, from the same start."""
+def cluster(save, name="gemma"):
+    """``name`` in 2 stages on the 2 worker tasks (worker 0 drives), then unsplit in worker 0 alone, from the same
+    start: the Gemma cut after its first decoder block, the ViT between encoder blocks by FLOPs."""
     from tfpar.parallel.pipeline import tasks
     from tfpar.runtime import cluster as cluster_lib
     from tfpar.runtime import peers, server
@@ -145,13 +152,15 @@ def cluster(save):
     if not info.is_chief:
         server.serve(info, until_gone=tasks.chief(info), line=tasks.announcement(info, 2))  # exits
     peers.connect(info, 60, "the pipeline's stage tasks")
-    model = build("gemma")
-    piped = pipeline.split(model, stages=2, micro_batches=2, schedule="1f1b", balance=["decoder_block_0"],
+    model = build(name)
+    piped = pipeline.split(model, stages=2, micro_batches=2, schedule="1f1b",
+                           balance=["decoder_block_0"] if name == "gemma" else "flops",
                            devices=tasks.devices(info, 2), print_fn=None)
     compile_(piped)
-    loss = train(piped, "gemma")
-    result = {"loss": float(loss), "variable_devices": sorted({w.value.device for w in model.weights})}
-    ref, start = reference("gemma")
+    loss = train(piped, name)
+    result = {"loss": float(loss), "variable_devices": sorted({w.value.device for w in model.weights}),
+              "cuts": [row["last_layer"] for row in piped.stage_table]}
+    ref, start = reference(name)
     return {**result, "max_rel": max_rel(model.get_weights(), ref), "moved": max_rel(ref, start)}
 
 
@@ -161,4 +170,4 @@ if __name__ == "__main__":
             json.dump(result, f)
         os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 
-    save({"equivalence": equivalence, "cluster": cluster}[sys.argv[1]](save))
+    save({"equivalence": equivalence, "cluster": cluster}[sys.argv[1]](save, *sys.argv[3:]))

@@ -198,4 +198,5 @@ def test_autotune_ratios_are_taken_round_by_round():
                  autotune={"choice": {"xla": True, "micro_batches": 1}, "tune_sec": 5.0})
     benchmark.bench_autotune.add_autotune_ratios(manual + [tuned])
     assert tuned["ratio_to_best_manual"] == pytest.approx(1.0) and tuned["same_as_best"]
+    assert tuned["choice_in_sweep"] == pytest.approx(1.0)
     assert "the same setting" in benchmark.bench_autotune.lines([tuned])[0]

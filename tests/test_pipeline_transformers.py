@@ -112,10 +112,12 @@ def test_keras_hub_transformers_and_a_nested_resnet_train_like_the_unsplit_model
 
 
 @pytest.mark.slow
-def test_a_keras_hub_gemma_on_two_worker_tasks_trains_as_the_unsplit_model_in_one_process(tmp_path):
+@pytest.mark.parametrize("name", ["gemma", "vit"])
+def test_a_transformer_on_two_worker_tasks_trains_as_the_unsplit_model_in_one_process(tmp_path, name):
+    """A keras-hub Gemma and tfpar's own ViT, one stage per worker task through tfpar-launch."""
     out = str(tmp_path / "cluster.json")
     command = [sys.executable, "-m", "tfpar.launcher", "--workers", "2", "--timeout", "500", "--",
-               sys.executable, WORKER, "cluster", out]
+               sys.executable, WORKER, "cluster", out, name]
     code, log, _ = run_reaped(command, 560, env=quiet_env(), merge_output=True)
     assert code == 0, log[-4000:]
     assert "worker-1 serves stage 1 of copy 0" in log
@@ -123,3 +125,5 @@ def test_a_keras_hub_gemma_on_two_worker_tasks_trains_as_the_unsplit_model_in_on
         got = json.load(f)
     assert got["variable_devices"] == [f"/job:worker/replica:0/task:{i}/device:CPU:0" for i in range(2)]
     assert got["max_rel"] <= 1.0 and got["moved"] > 1000 and np.isfinite(got["loss"])
+    if name == "vit":  # cut between encoder blocks
+        assert got["cuts"][0].startswith("encoder_block"), got["cuts"]
