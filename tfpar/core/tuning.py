@@ -7,12 +7,12 @@ Timing every combination would cost too much of a run, so the search is
 pruned, one group of settings at a time in ``GROUPS``: the precision policy
 first, when the user allowed more than one (it changes everything else's
 cost); then XLA and micro-batches together, every pair, because they
-interact: XLA compiles the whole accumulated step, and on one 2-core Xeon a
-small keras-hub Gemma ran as fast with XLA as without at one micro-batch but
-1.21x faster with it at four, while without XLA more micro-batches only lost
-(benchmarks/results, ``--only autotune``); a search that fixed XLA at one
-micro-batch first never found that pair. Then the bucket size given those
-choices, then the all-reduce dtype. Each group keeps its fastest candidate
+interact: XLA compiles the whole accumulated step, so whether it pays can
+depend on the micro-batch count. On a 2-core Xeon a small keras-hub Gemma
+measured XLA on with 4 micro-batches fastest of the six pairs, and XLA at
+one micro-batch no faster than without, in one sweep; the search that fixed
+XLA at one micro-batch first could not reach that pair. Then the bucket
+size given those choices, then the all-reduce dtype. Each group keeps its fastest candidate
 and the next group is timed on top of it; no setting is timed twice.
 
 ``search(space, trial, start)`` runs that order with any ``trial`` function
