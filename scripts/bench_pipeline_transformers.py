@@ -4,10 +4,14 @@ One process (plain Keras ``fit``, one core; with the pipeline's 8 x 16
 sequences per step, and with 16) against 2 worker processes of one core
 each: 2 stages with GPipe and 1F1B, and 4 stages (2 a process, round-robin)
 with interleaved 1F1B, all at M = 8 (tfpar.pipeline.split over the tasks of
-the TF_CONFIG cluster that benchmark.py's launcher makes). Worker 0 drives;
-worker 1 only serves its stage. A case's ``batch`` is tokens per step, so
+the TF_CONFIG cluster that benchmark.py's launcher makes). Worker 0 drives
+and traces 2 steps of the first timed window, asking worker 1 for its trace
+of the same steps, for the bubble measured beside the theory; worker 1 only
+serves its stage. A case's ``batch`` is tokens per step, so
 benchmark.py's images/sec column reads tokens/sec.
 """
+
+import os
 
 VOCAB, LAYERS, HIDDEN, HEADS, HEAD_DIM, FFN = 1024, 4, 128, 4, 32, 512
 
@@ -63,6 +67,40 @@ def measure(case, window_timer):
     y = tf.random.stateless_uniform((n, seq), (0, 2), maxval=VOCAB, dtype=tf.int32)
     data = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
     timer = window_timer(keras, case["batch"], case["warmup_windows"])
+    callbacks = [timer] + (_tracers(keras, case, info) if devices else [])
     model.fit(data, epochs=case["windows"] + case["warmup_windows"], steps_per_epoch=case["steps"], verbose=0,
-              callbacks=[timer])
-    return {"rates": timer.rates}
+              callbacks=callbacks)
+    return {"rates": timer.rates, **(_bubble(case) if devices else {})}
+
+
+def _traced(case):
+    first = case["warmup_windows"] * case["steps"] + 2  # inside the first timed window, after its skipped step
+    return first, first + 1
+
+
+def _tracers(keras, case, info):
+    """TensorBoard's profiler on the chief for 2 steps, and the same steps' trace of the stage task."""
+    from tfpar.parallel.pipeline import tasks
+
+    logdir = os.path.join(case["model_dir"], "trace")
+    return [keras.callbacks.TensorBoard(logdir, profile_batch=_traced(case)),
+            tasks.StageTrace(info, os.path.join(logdir, tasks.STAGE_TRACES), _traced(case))]
+
+
+def _bubble(case):
+    """``bubble_measured`` from the traces (None without one) beside ``bubble_theory``."""
+    from tfpar.core import trace
+    from tfpar.parallel.pipeline import schedules, tasks, timeline
+
+    stages, micro = case.get("stages", 2), case["micro_batches"]
+    logdir = os.path.join(case["model_dir"], "trace")
+    remote = trace.find(os.path.join(logdir, tasks.STAGE_TRACES))
+    measured = None
+    for path in trace.find(logdir):
+        if path not in remote:
+            try:
+                measured = timeline.read(path, other_tasks=remote, devices=2 if stages > 2 else None)
+            except ValueError:
+                pass
+    return {"bubble_theory": round(schedules.bubble(stages, micro, 2), 4),
+            "bubble_measured": measured["bubble"] if measured else None}
