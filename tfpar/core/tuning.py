@@ -12,8 +12,9 @@ depend on the micro-batch count. On a 2-core Xeon a small keras-hub Gemma
 measured XLA on with 4 micro-batches fastest of the six pairs, and XLA at
 one micro-batch no faster than without, in one sweep; the search that fixed
 XLA at one micro-batch first could not reach that pair. Then the bucket
-size given those choices, then the all-reduce dtype. Each group keeps its fastest candidate
-and the next group is timed on top of it; no setting is timed twice.
+size given those choices, then the all-reduce dtype. Each group keeps its
+fastest candidate and the next group is timed on top of it; no setting is
+timed twice.
 
 ``search(space, trial, start)`` runs that order with any ``trial`` function
 (the real one times steps; tests pass a fake clock), within a budget of
