@@ -89,18 +89,9 @@ def _tracers(keras, case, info):
 
 def _bubble(case):
     """``bubble_measured`` from the traces (None without one) beside ``bubble_theory``."""
-    from tfpar.core import trace
-    from tfpar.parallel.pipeline import schedules, tasks, timeline
+    from tfpar.parallel.pipeline import schedules, timeline
 
     stages, micro = case.get("stages", 2), case["micro_batches"]
-    logdir = os.path.join(case["model_dir"], "trace")
-    remote = trace.find(os.path.join(logdir, tasks.STAGE_TRACES))
-    measured = None
-    for path in trace.find(logdir):
-        if path not in remote:
-            try:
-                measured = timeline.read(path, other_tasks=remote, devices=2 if stages > 2 else None)
-            except ValueError:
-                pass
+    measured = timeline.read_run(os.path.join(case["model_dir"], "trace"), devices=2 if stages > 2 else None)
     return {"bubble_theory": round(schedules.bubble(stages, micro, 2), 4),
             "bubble_measured": measured["bubble"] if measured else None}

@@ -11,6 +11,7 @@ share one thread pool, so rows are stages, not threads.
 """
 
 import collections
+import os
 import re
 
 # Bookkeeping ops with no data inputs run as soon as the step starts; they would stretch a task's box.
@@ -79,6 +80,29 @@ def read(path, other_tasks=(), devices=None):
                         for (s, k, m), (a, b) in boxes.items()),
         **({"devices": devices} if devices is not None else {}),
     }
+
+
+def read_run(model_dir, devices=None):
+    """The timeline of a run's traced steps, or ``None`` when ``model_dir`` holds no pipeline trace.
+
+    The chief's traces anywhere under ``model_dir``, joined with the stage tasks' traces that
+    ``tasks.StageTrace`` wrote under ``model_dir/stage_traces``; ``devices`` as for ``read``.
+    """
+    import logging
+
+    from tfpar.core import trace
+    from tfpar.parallel.pipeline import tasks
+
+    remote = trace.find(os.path.join(model_dir, tasks.STAGE_TRACES))
+    measured = None
+    for path in trace.find(model_dir):
+        if path in remote:
+            continue
+        try:
+            measured = read(path, other_tasks=remote, devices=devices)
+        except ValueError as err:
+            logging.getLogger("tfpar").info("no pipeline timeline in %s: %s", path, err)
+    return measured
 
 
 def plot(timelines, path, titles=None):

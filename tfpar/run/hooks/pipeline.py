@@ -159,20 +159,11 @@ class Pipeline(KerasFit):
 
     def _pipeline_summary(self, model):
         """The ``pipeline`` entry of summary.json: settings, the stage table and the bubble (theory, measured)."""
-        from tfpar.core import trace
-        from tfpar.parallel.pipeline import schedules, tasks, timeline
+        from tfpar.parallel.pipeline import schedules, timeline
 
-        config, measured = self.config, None
+        config = self.config
         per_copy = model.plan.devices_per_copy or config.stages
-        remote = trace.find(os.path.join(self.model_dir, tasks.STAGE_TRACES))  # the stage tasks' traces
-        for path in trace.find(self.model_dir):
-            if path in remote:
-                continue
-            try:
-                measured = timeline.read(path, other_tasks=remote,
-                                         devices=per_copy if per_copy != config.stages else None)
-            except ValueError as err:
-                log.info("no pipeline timeline in %s: %s", path, err)
+        measured = timeline.read_run(self.model_dir, devices=per_copy if per_copy != config.stages else None)
         return {
             "stages": config.stages, "micro_batches": config.micro_batches, "schedule": config.schedule,
             "devices_per_copy": per_copy,
