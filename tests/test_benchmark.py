@@ -189,14 +189,15 @@ def test_autotune_is_read_against_the_best_manual_setting_and_the_default():
 
 
 def test_autotune_ratios_are_taken_round_by_round():
-    """The machine ran 20% faster in round 2: paired per-round ratios see 1.0, pooled rates would not."""
-    manual = [case("g manual: XLA off", [10.0, 12.0], model="g", round_rates=[10.0, 12.0],
+    """Per-round ratios (1.2 and 0.8: median 1.0), not pooled rates (14 / 15 = 0.93)."""
+    manual = [case("g manual: XLA off", [8.0, 16.0], model="g", round_rates=[8.0, 16.0],
                    setting={"xla": False, "micro_batches": 1}),
-              case("g manual: XLA on", [11.0, 13.2], model="g", round_rates=[11.0, 13.2],
+              case("g manual: XLA on", [10.0, 20.0], model="g", round_rates=[10.0, 20.0],
                    setting={"xla": True, "micro_batches": 1})]
-    tuned = case("g autotuned", [13.2, 11.0], model="g", kind="bench_autotuned", round_rates=[11.0, 13.2],
+    tuned = case("g autotuned", [12.0, 16.0], model="g", kind="bench_autotuned", round_rates=[12.0, 16.0],
                  autotune={"choice": {"xla": True, "micro_batches": 1}, "tune_sec": 5.0})
     benchmark.bench_autotune.add_autotune_ratios(manual + [tuned])
+    assert tuned["images_per_sec"] / manual[1]["images_per_sec"] == pytest.approx(14 / 15)
     assert tuned["ratio_to_best_manual"] == pytest.approx(1.0) and tuned["same_as_best"]
     assert tuned["choice_in_sweep"] == pytest.approx(1.0)
     assert "the same setting" in benchmark.bench_autotune.lines([tuned])[0]
