@@ -1,7 +1,7 @@
 """The measuring side of two benchmark comparisons (``scripts/benchmark.py`` runs each case in its own process).
 
-``--only autotune``: for keras.applications ResNet-50 and a small keras-hub Gemma (built from a config,
-nothing downloaded), tfpar's untuned default, every manual setting of the space ``--autotune`` searches
+``--only autotune``: for keras.applications ResNet-50, a small keras-hub Gemma (built from a config,
+nothing downloaded) and tfpar's ViT-S/16 (32 px, 4 px patches), tfpar's untuned default, every manual setting of the space ``--autotune`` searches
 (the exhaustive sweep) and the autotuned run, each timed the same way after its own warm-up.
 ``benchmark.py`` then adds autotuned / best manual and autotuned / default (``add_autotune_ratios``).
 
@@ -35,6 +35,12 @@ def models(quick):
             "gemma": dict(base, model="gemma", batch=16, layers=4, hidden=256)}
 
 
+def autotune_models(quick):
+    """The autotune comparison's models: both of ``models`` and tfpar's own ViT-S/16 (TensorFlow only)."""
+    base = dict(windows=2, warmup_windows=1, steps=4 if quick else 6)
+    return {**models(quick), "vit_s16": dict(base, model="vit_s16", image=32, patch=4, batch=16, classes=10)}
+
+
 def _space(case):
     """The settings ``--autotune`` searches for this model on one device: XLA; micro-batches without BN."""
     micro = [1] if case["model"] == "resnet50" else [1, 2, 4]
@@ -44,7 +50,7 @@ def _space(case):
 
 def autotune_cases(quick):
     cases = []
-    for name, case in models(quick).items():
+    for name, case in autotune_models(quick).items():
         default = _space(case)[0]  # tfpar's rule on a CPU: XLA off, one micro-batch
         cases.append(dict(case, name=f"{name} tfpar default (untuned)", kind="bench_setting", setting=default))
         for setting in _space(case):
@@ -158,6 +164,13 @@ def _build(case, keras):
         model = keras.applications.ResNet50(weights=None, input_shape=(case["image"],) * 2 + (3,),
                                             classes=case["classes"])
         model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy")
+        return model, _images(case)
+    if case["model"] == "vit_s16":
+        from tfpar import models as tfpar_models
+
+        model = tfpar_models.build("vit_s16", num_classes=case["classes"], input_shape=(case["image"],) * 2 + (3,),
+                                   patch_size=case["patch"])
+        model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
         return model, _images(case)
     import keras_hub
 
