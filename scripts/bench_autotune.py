@@ -14,6 +14,7 @@ the first steps left out. It needs ``jax`` (``pip install -e ".[bench]"`` adds `
 import importlib.util
 import itertools
 import os
+import statistics
 import time
 
 SEQUENCE = 128
@@ -102,8 +103,6 @@ def _same(choice, setting):
 
 
 def _paired(case, base):
-    import statistics
-
     mine, theirs = case.get("round_rates"), base.get("round_rates")
     if mine and theirs and len(mine) == len(theirs):
         return statistics.median(a / b for a, b in zip(mine, theirs))

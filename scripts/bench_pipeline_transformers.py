@@ -30,7 +30,7 @@ def cases(quick):
                  f"{sequences}", schedule="interleaved_1f1b", stages=4)]
 
 
-def measure(case, window_timer):
+def measure(case, window_timer, traced_steps):
     """Train the case's model on synthetic tokens; ``{"rates": tokens/sec per timed window}``."""
     import keras
     import keras_hub
@@ -67,24 +67,19 @@ def measure(case, window_timer):
     y = tf.random.stateless_uniform((n, seq), (0, 2), maxval=VOCAB, dtype=tf.int32)
     data = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
     timer = window_timer(keras, case["batch"], case["warmup_windows"])
-    callbacks = [timer] + (_tracers(keras, case, info) if devices else [])
+    callbacks = [timer] + (_tracers(keras, case, info, traced_steps) if devices else [])
     model.fit(data, epochs=case["windows"] + case["warmup_windows"], steps_per_epoch=case["steps"], verbose=0,
               callbacks=callbacks)
     return {"rates": timer.rates, **(_bubble(case) if devices else {})}
 
 
-def _traced(case):
-    first = case["warmup_windows"] * case["steps"] + 2  # inside the first timed window, after its skipped step
-    return first, first + 1
-
-
-def _tracers(keras, case, info):
-    """TensorBoard's profiler on the chief for 2 steps, and the same steps' trace of the stage task."""
+def _tracers(keras, case, info, steps):
+    """TensorBoard's profiler on the chief for ``steps``, and the same steps' trace of the stage task."""
     from tfpar.parallel.pipeline import tasks
 
     logdir = os.path.join(case["model_dir"], "trace")
-    return [keras.callbacks.TensorBoard(logdir, profile_batch=_traced(case)),
-            tasks.StageTrace(info, os.path.join(logdir, tasks.STAGE_TRACES), _traced(case))]
+    return [keras.callbacks.TensorBoard(logdir, profile_batch=steps),
+            tasks.StageTrace(info, os.path.join(logdir, tasks.STAGE_TRACES), steps)]
 
 
 def _bubble(case):

@@ -74,6 +74,12 @@ def _window_timer(keras_module, batch, warmup_windows, skip_steps=2):
     return WindowTimer()
 
 
+def traced_steps(case):
+    """The 2 steps a pipeline case traces for its bubble: inside the first timed window, after its skipped step."""
+    first = case["warmup_windows"] * case["steps"] + 2
+    return first, first + 1
+
+
 def _synthetic(tf, batch, size, classes, seed=0):
     images = tf.random.stateless_uniform((batch, size, size, 3), seed=(seed, 1))
     labels = tf.random.stateless_uniform((batch,), seed=(seed, 2), maxval=classes, dtype=tf.int32)
@@ -124,7 +130,7 @@ def measure(case):
     if kind == "hub_pipeline":  # a keras-hub Gemma, pipelined across processes (scripts/bench_pipeline_transformers.py)
         import bench_pipeline_transformers
 
-        return bench_pipeline_transformers.measure(case, _window_timer)
+        return bench_pipeline_transformers.measure(case, _window_timer, traced_steps(case))
     if kind == "tfpar":
         return _measure_tfpar(case)
     if kind.startswith("bench_"):  # autotune, keras3_jax_vs_tfpar: scripts/bench_autotune.py
@@ -150,8 +156,7 @@ def _measure_tfpar(case):
         options.update(tensorboard=True, profile_steps="{},{}".format(*case["profile_steps"]))
     options.update(case.get("train_options", {}))  # any other TrainConfig field, e.g. all_reduce_dtype
     if case.get("pipeline_trace"):  # trace 2 steps of the first timed window: the bubble (tfpar.parallel.pipeline.timeline)
-        first = case["warmup_windows"] * case["steps"] + 2
-        options.update(tensorboard=True, profile_steps=f"{first},{first + 1}")
+        options.update(tensorboard=True, profile_steps="{},{}".format(*traced_steps(case)))
     if case.get("virtual_gpus"):  # split one GPU into logical GPUs before TF starts (pipeline stages)
         import tensorflow as tf
 

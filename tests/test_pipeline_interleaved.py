@@ -49,7 +49,7 @@ def test_orders_run_every_task_once_without_deadlock_and_match_the_theory():
                                                 ("B", 0, 3)]
 
 
-def test_round_robin_cuts_balance_each_devices_summed_stages():
+def test_round_robin_cuts_minimise_the_modelled_step_of_each_devices_stages():
     import itertools
 
     import numpy as np

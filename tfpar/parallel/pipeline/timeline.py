@@ -11,9 +11,11 @@ share one thread pool, so rows are stages, not threads.
 """
 
 import collections
+import logging
 import os
 import re
 
+log = logging.getLogger("tfpar")
 # Bookkeeping ops with no data inputs run as soon as the step starts; they would stretch a task's box.
 _IGNORED = {"ReadVariableOp", "Identity", "NoOp", "Const", "_Send", "_Recv", "Shape", "VarHandleOp"}
 _TASK = re.compile(r"(?:^|/)(gradient_tape/)?(?:copy(\d+)_)?stage(\d+)_([FB])(\d+)(?:_\d+)?/")
@@ -88,8 +90,6 @@ def read_run(model_dir, devices=None):
     The chief's traces anywhere under ``model_dir``, joined with the stage tasks' traces that
     ``tasks.StageTrace`` wrote under ``model_dir/stage_traces``; ``devices`` as for ``read``.
     """
-    import logging
-
     from tfpar.core import trace
     from tfpar.parallel.pipeline import tasks
 
@@ -101,7 +101,7 @@ def read_run(model_dir, devices=None):
         try:
             measured = read(path, other_tasks=remote, devices=devices)
         except ValueError as err:
-            logging.getLogger("tfpar").info("no pipeline timeline in %s: %s", path, err)
+            log.info("no pipeline timeline in %s: %s", path, err)
     return measured
 
 

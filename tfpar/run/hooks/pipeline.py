@@ -7,12 +7,9 @@ that from the config and passes plain values down.
 """
 
 import collections
-import logging
 import os
 
 from tfpar.run.hooks.keras_fit import KerasFit
-
-log = logging.getLogger("tfpar")
 
 
 def in_cluster(info):
