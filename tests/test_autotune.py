@@ -99,9 +99,9 @@ def test_trials_leave_training_unchanged_and_the_cache_is_used_then_refused(tmp_
     entry["versions"]["keras"] = "3.0.0"
     json.dump(entry, open(report["cached"], "w"))
     lines.clear()
-    report = autotune.autotune(again, None, _data, clock=clock, print_fn=lines.append, environ=env, budget=5)
+    report = autotune.autotune(again, None, _data, clock=clock, print_fn=lines.append, environ=env, budget=7)
     assert lines[0].startswith("warning: autotune cache file") and "keras 3.0.0" in lines[0]
-    assert report["cached"] is None and len(report["trials"]) == 1  # a budget of 5 steps: one trial
+    assert report["cached"] is None and len(report["trials"]) == 1  # a budget of 7 steps: one trial
 
 
 def test_bad_input_is_one_sentence():
@@ -112,7 +112,7 @@ def test_bad_input_is_one_sentence():
     with pytest.raises(tuning.NothingToTune, match="Nothing to tune on this model and strategy: XLA is fixed, "
                                                    "one replica sums no gradients, micro-batches are fixed"):
         autotune.autotune(model, None, _data(), tune=(), cache=False)
-    with pytest.raises(ValueError, match=r"autotune_budget 0.05 of 40 planned steps is 2, fewer than the 5 steps"):
+    with pytest.raises(ValueError, match=r"autotune_budget 0.05 of 40 planned steps is 2, fewer than the 7 steps"):
         autotune.autotune(model, None, _data(), budget=0.05, planned_steps=40, cache=False)
     with pytest.raises(ValueError, match="needs the training tf.data.Dataset"):
         autotune.autotune(model, None, iter(_data()), cache=False)
@@ -143,16 +143,16 @@ def test_cli_keeps_given_flags_fixed():
 
 @pytest.mark.slow
 def test_tfpar_train_autotune_ends_bit_identical_to_its_choice_set_by_hand(tmp_path):
-    """Two replicas, so the all-reduce is tuned too; a budget of 15 steps allows 3 trials of 5."""
+    """Two replicas, so the all-reduce is tuned too; a budget of 21 steps allows 3 trials of 7."""
     common = ["--model=vgg11", "--width_multiplier=0.125", "--image_size=32", "--strategy=mirrored",
               "--virtual_cpus=2", "--batch_size=16", "--epochs=1", "--steps_per_epoch=3", "--validation_steps=1",
               "--tensorboard=false", "--checkpoint_best=false", "--backup_freq=none"]
     env = quiet_env(TFPAR_CACHE_DIR=str(tmp_path / "cache"))
     tuned_dir, hand_dir = tmp_path / "tuned", tmp_path / "hand"
     code, out, err = run_reaped(tfpar_train_command() + common + [
-        "--autotune", "--autotune_budget=15", f"--model_dir={tuned_dir}"], 600, env=env)
+        "--autotune", "--autotune_budget=21", f"--model_dir={tuned_dir}"], 600, env=env)
     assert code == 0, (out + err)[-3000:]
-    assert "autotune: 3 trials of 5 steps (the budget ended the search early):" in out
+    assert "autotune: 3 trials of 7 steps (the budget ended the search early):" in out
     tuned = json.load(open(tuned_dir / "summary.json"))
     choice = tuned["autotune"]["choice"]
     assert len(tuned["autotune"]["trials"]) == 3 and tuned["autotune"]["cut_short"]

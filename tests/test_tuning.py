@@ -36,15 +36,32 @@ def test_the_fastest_setting_is_chosen_in_the_pruned_order():
     result = tuning.search(space, trial)
     assert result.choice == {"xla": True, "bucket_mb": 5.0, "all_reduce_dtype": "float32", "micro_batches": 2}
     # the start once; XLA x micro-batches every pair; then each other candidate once
-    assert len(calls) == tuning.count(space) == 1 + 3 + 2 + 1
+    assert tuning.count(space) == 1 + 3 + 2 + 1
     assert [t.changed for t in result.trials] == ["", "xla", "micro_batches", "xla+micro_batches", "bucket_mb",
-                                                  "bucket_mb", "all_reduce_dtype"]
+                                                  "bucket_mb", "all_reduce_dtype", "again", "again"]
     # buckets were timed with XLA and 2 micro-batches already chosen: the search is pruned, not exhaustive
     assert all(c["xla"] and c["micro_batches"] == 2 for c in calls[4:])
+    # the runner-up (25 MiB buckets, 0.99 s) is within 20% of the choice (0.89 s): both timed again, it first
+    assert calls[7] == {**result.choice, "bucket_mb": 25.0} and calls[8] == result.choice
     assert result.best().setting == result.choice and not result.cut_short
-    # the chosen row is marked in the table
+    # the chosen row is marked once in the table, the runoff's rows say so
     lines = tuning.table(result)
     assert len(lines) == 1 + len(calls) and sum("<- chosen" in line for line in lines) == 1
+    assert sum("(timed again)" in line for line in lines) == 2
+
+
+def test_a_runoff_of_the_two_closest_settings_decides_by_their_mean_times():
+    # A's first trial was lucky (0.90 against B's 1.00); timed again in the order B, A, B wins on the mean.
+    times = {False: iter([1.00, 1.10]), True: iter([0.90, 1.25])}
+    trial, calls = clock(lambda s: next(times[s["xla"]]))
+    result = tuning.search({"xla": [False, True]}, trial)
+    assert [c["xla"] for c in calls] == [False, True, False, True]
+    assert result.choice == {"xla": False} and result.best().step_sec == pytest.approx(1.05)
+    # a runner-up further than RUNOFF_MARGIN away is not timed again, and a budget without room skips the runoff
+    trial, calls = clock(lambda s: 1.0 if s["xla"] else 1.0 * (1 + tuning.RUNOFF_MARGIN) + 0.01)
+    assert tuning.search({"xla": [False, True]}, trial).choice == {"xla": True} and len(calls) == 2
+    trial, calls = clock(lambda s: 1.0)
+    assert not tuning.search({"xla": [False, True]}, trial, max_trials=3).cut_short and len(calls) == 2
 
 
 def test_xla_and_micro_batches_are_timed_together_because_they_interact():
@@ -53,7 +70,8 @@ def test_xla_and_micro_batches_are_timed_together_because_they_interact():
     trial, calls = clock(lambda s: table[(s["xla"], s["micro_batches"])])
     result = tuning.search({"xla": [False, True], "micro_batches": [1, 2, 4]}, trial)
     assert result.choice == {"xla": True, "micro_batches": 4}
-    assert len(calls) == len(table) and len({(c["xla"], c["micro_batches"]) for c in calls}) == len(table)
+    assert len({(c["xla"], c["micro_batches"]) for c in calls[:len(table)]}) == len(table)
+    assert calls[len(table):] == [{"xla": True, "micro_batches": 2}, result.choice]  # the runner-up within 20%
     assert calls[1] == {"xla": True, "micro_batches": 1}  # XLA flipped first: a short budget still tries it
 
 
@@ -61,7 +79,8 @@ def test_a_tie_keeps_the_starting_point_and_fixed_settings_are_never_timed():
     trial, calls = clock(lambda s: 1.0)
     result = tuning.search({"xla": [False, True], "precision": ["float32"], "micro_batches": [1]}, trial)
     assert result.choice == {"xla": False, "precision": "float32", "micro_batches": 1}
-    assert len(calls) == 2 and {c["precision"] for c in calls} == {"float32"}
+    # a tie is within the runoff margin: both are timed again, and the start still wins the tie
+    assert len(calls) == 4 and {c["precision"] for c in calls} == {"float32"}
 
 
 def test_precision_is_tuned_first_and_only_among_the_allowed():
