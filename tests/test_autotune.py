@@ -166,3 +166,69 @@ def test_tfpar_train_autotune_ends_bit_identical_to_its_choice_set_by_hand(tmp_p
     hand = json.load(open(hand_dir / "summary.json"))
     assert tuned["optimizer_updates"] == hand["optimizer_updates"] == 3
     assert tuned["weights_sha256"] == hand["weights_sha256"]
+
+
+def test_precision_trials_time_a_model_per_policy_name_its_numerics_and_are_cached(tmp_path):
+    """``tune_precision`` builds one model per policy; a fake clock makes mixed_bfloat16 the faster one."""
+    import keras
+
+    from tfpar.run import autotune
+
+    def build(policy):
+        keras.mixed_precision.set_global_policy(policy)
+        return _model()
+
+    def clock():  # a step under the policy the trial's model was built in
+        now[0] += 1.0 if keras.mixed_precision.global_policy().name == "mixed_bfloat16" else 2.0
+        return now[0]
+
+    now, lines, env = [0.0], [], {"TFPAR_CACHE_DIR": str(tmp_path)}
+    try:
+        policy, report = autotune.tune_precision(build, _data, ["float32", "mixed_bfloat16"], batch_size=16,
+                                                 clock=clock, print_fn=lines.append, environ=env)
+        assert policy == "mixed_bfloat16" and report["cached"] is None
+        assert [t["setting"]["precision"] for t in report["trials"]] == ["float32", "mixed_bfloat16"]
+        assert lines[0] == "autotune: 2 precision trials of 7 steps, each on its own model:"
+        assert "float32 compute and weights" in lines[2] and "bfloat16 compute, float32 weights" in lines[3]
+        assert "<- chosen" in lines[3] and lines[-1] == "autotune: chose precision mixed_bfloat16."
+        # the next run of this shape: one model built for its signature, no trial
+        lines.clear()
+        policy, report = autotune.tune_precision(build, _data, ["float32", "mixed_bfloat16"], batch_size=16,
+                                                 clock=clock, print_fn=lines.append, environ=env)
+        assert policy == "mixed_bfloat16" and report["cached"] and "no trials" in lines[0] and len(lines) == 1
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_precision_candidates_put_autos_rule_first():
+    from tfpar.runtime import precision
+
+    found = precision.candidates()
+    assert found[0] == precision.resolve("auto") and sorted(found) == ["float32", "mixed_bfloat16"]  # a CPU
+
+
+@pytest.mark.slow
+def test_tfpar_train_times_precision_then_the_rest_and_ends_as_its_choice_set_by_hand(tmp_path):
+    """--precision=auto --autotune: a model per policy is timed first; the run equals the choice set by hand."""
+    common = ["--model=vgg11", "--width_multiplier=0.125", "--image_size=32", "--strategy=one_device",
+              "--batch_size=16", "--epochs=1", "--steps_per_epoch=3", "--validation_steps=1",
+              "--tensorboard=false", "--checkpoint_best=false", "--backup_freq=none"]
+    env = quiet_env(TFPAR_CACHE_DIR=str(tmp_path / "cache"))
+    tuned_dir, hand_dir = tmp_path / "tuned", tmp_path / "hand"
+    code, out, err = run_reaped(tfpar_train_command() + common + [
+        "--autotune", "--precision=auto", "--autotune_budget=28", f"--model_dir={tuned_dir}"], 600, env=env)
+    assert code == 0, (out + err)[-3000:]
+    assert "autotune: 2 precision trials of 7 steps, each on its own model:" in out
+    assert "bfloat16 compute, float32 weights" in out
+    tuned = json.load(open(tuned_dir / "summary.json"))
+    report = tuned["autotune"]
+    assert {t["setting"]["precision"] for t in report["precision"]["trials"]} == {"float32", "mixed_bfloat16"}
+    assert tuned["precision"] == report["precision"]["choice"]["precision"]
+    assert len(report["trials"]) == 2  # the rest of the budget (28 - 2 x 7 steps): XLA off and on
+    choice = report["choice"]
+    code, out, err = run_reaped(tfpar_train_command() + common + [
+        f"--precision={tuned['precision']}", f"--jit_compile={'on' if choice['xla'] else 'off'}",
+        f"--model_dir={hand_dir}"], 600, env=env)
+    assert code == 0, (out + err)[-3000:]
+    hand = json.load(open(hand_dir / "summary.json"))
+    assert tuned["weights_sha256"] == hand["weights_sha256"] and hand["precision"] == tuned["precision"]

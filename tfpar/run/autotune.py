@@ -29,9 +29,12 @@ What it tunes, each only where it can change anything:
   BatchNormalization (which would normalise each micro-batch by its own,
   smaller statistics and so train differently).
 
-The precision policy cannot change on a built model; ``tfpar-train
---precision=auto --autotune`` times it by building the model once per
-allowed policy (``tfpar.run.hooks.keras_fit``).
+The precision policy cannot change on a built model, so ``tune_precision``
+times it on models it builds itself, one per policy the machine can run
+(``tfpar.runtime.precision.candidates``), before the run builds its own;
+``tfpar-train --precision=auto --autotune`` does that first
+(``tfpar.run.hooks.keras_fit``), then tunes the other settings on the model
+of the chosen policy.
 """
 
 import hashlib
@@ -56,9 +59,12 @@ def versions():
     return {name: found[name] for name in ("tfpar", "tensorflow", "keras")}
 
 
-def model_signature(model):
-    """A short hash of what makes ``model`` fast or slow: layer kinds, weight shapes and dtypes, optimizer, policy."""
-    parts = [type(model).__name__, type(model.optimizer).__name__, str(model.dtype_policy.name)]
+def model_signature(model, policy=True):
+    """A short hash of what makes ``model`` fast or slow: layer kinds, weight shapes and dtypes, optimizer, policy.
+
+    ``policy=False`` leaves the dtype policy out: the shape of a precision search, whose models differ in it.
+    """
+    parts = [type(model).__name__, type(model.optimizer).__name__] + ([str(model.dtype_policy.name)] if policy else [])
     parts += [f"{type(layer).__name__}" for layer in model._flatten_layers(include_self=False)]
     parts += [f"{tuple(v.shape)}:{v.dtype}" for v in model.weights]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
@@ -201,15 +207,20 @@ def shape_of(model, batch_size, space):
             "space": {name: list(values) for name, values in space.items()}}
 
 
-def budget_trials(budget, planned_steps):
-    """How many trials ``budget`` allows: a fraction (< 1) of ``planned_steps``, or a number of steps.
-
-    Raises ``ValueError`` with one sentence when it allows less than one trial.
-    """
+def budget_steps(budget, planned_steps):
+    """The steps ``budget`` allows: a fraction (< 1) of ``planned_steps``, or a number of steps."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise ValueError(f"autotune_budget must be a positive fraction of the run (< 1) or a number of steps, "
                          f"got {budget!r}.")
-    steps = int(budget * planned_steps) if budget < 1 else int(budget)
+    return int(budget * planned_steps) if budget < 1 else int(budget)
+
+
+def budget_trials(budget, planned_steps):
+    """How many trials ``budget`` allows (``budget_steps``).
+
+    Raises ``ValueError`` with one sentence when it allows less than one trial.
+    """
+    steps = budget_steps(budget, planned_steps)
     if steps < TRIAL_STEPS:
         what = f"{budget:g} of {planned_steps} planned steps is {steps}" if budget < 1 else f"{steps} steps"
         raise ValueError(f"autotune_budget {what}, fewer than the {TRIAL_STEPS} steps of one trial; "
@@ -323,6 +334,60 @@ def _tune(model, dataset, batch_size, space, max_trials, cache, print_fn, clock,
     if cache:
         tuning_cache.store(shape, here, result.as_dict(), environ)
     return report
+
+
+def tune_precision(build, dataset, policies, *, batch_size, max_trials=None, cache=True, print_fn=print,
+                   clock=time.perf_counter, environ=None):
+    """Time one trial of the step under each policy of ``policies`` and return the fastest policy's name.
+
+    Args:
+      build: ``policy name -> compiled model`` built under that global dtype policy, its step features
+        installed; each trial's model is dropped after its trial, and the caller builds the run's own.
+      dataset: a function that builds a copy of the training ``tf.data.Dataset`` for the trials.
+      policies: the allowed policies, the untimed choice first (``tfpar.runtime.precision.candidates``).
+      batch_size: the global batch of one update (part of the cached shape).
+      max_trials: at most this many trials (each builds a model).
+
+    Returns:
+      ``(policy, report)``: report as ``autotune``'s, for summary.json's ``autotune.precision``.
+    """
+    from tfpar.runtime import precision
+
+    say = print_fn or (lambda line: None)
+    policies, shape = list(policies), None
+    models = {policies[0]: build(policies[0])}  # the first trial's model; its signature names the cached shape
+    if cache:
+        first = models[policies[0]]
+        shape = {**shape_of(first, batch_size, {"precision": policies}), "model": model_signature(first, False)}
+        try:
+            entry = tuning_cache.load(shape, versions(), environ)
+        except tuning_cache.Stale as stale:
+            say(f"warning: {stale}")
+            entry = None
+        if entry is not None:
+            choice, path = entry["choice"]["precision"], tuning_cache.path_for(shape, environ)
+            say(f"autotune: the cached precision for this model and devices ({path}): {choice}; no trials.")
+            return choice, {"choice": {"precision": choice}, "trials": entry.get("trials", []), "cached": path,
+                            "table": []}
+    trial_data = dataset()
+
+    def trial(setting):
+        model = models.pop(setting["precision"], None) or build(setting["precision"])
+        return time_steps(model, trial_data, TIMED_STEPS, clock)
+
+    result = tuning.search({"precision": policies}, trial, max_trials=max_trials)
+    lines = tuning.table(result)
+    for i, trial in enumerate(result.trials, start=1):  # each row names its numerics, before any mark
+        timed, mark, rest = lines[i].partition("  <-")
+        lines[i] = f"{timed}  ({precision.NUMERICS[trial.setting['precision']]}){mark}{rest}"
+    say(f"autotune: {len(result.trials)} precision trials of {TRIAL_STEPS} steps, each on its own model"
+        + (" (the budget ended the search early)" if result.cut_short else "") + ":")
+    for line in lines:
+        say("  " + line)
+    say(f"autotune: chose precision {result.choice['precision']}.")
+    if cache:
+        tuning_cache.store(shape, versions(), result.as_dict(), environ)
+    return result.choice["precision"], {**result.as_dict(), "cached": None, "table": lines}
 
 
 def _key(setting):

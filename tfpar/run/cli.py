@@ -30,7 +30,8 @@ _HELP = {
     "virtual_cpus": "Split the CPU into this many logical devices (mirrored or dtensor on a laptop).",
     "precision": "float32 (default, as in Keras), mixed_float16, mixed_bfloat16, or auto: mixed_bfloat16 on "
                  "TPUs and on CPUs with native bfloat16, mixed_float16 on GPUs of compute capability 7.0+, "
-                 "else float32. Left at float32, tfpar-train says when this machine has a faster policy.",
+                 "else float32 (with --autotune, auto times float32 against the mixed policy these devices run "
+                 "and keeps the faster). Left at float32, tfpar-train says when this machine has a faster policy.",
     "data": "Input: digits (scikit-learn's bundled images), synthetic (random, for benchmarks), "
             "folder:PATH (PATH/<class>/<image>.jpg|png, or PATH/train + PATH/val), "
             "tfrecord:GLOB (ImageNet layout image/encoded + image/class/label; files named validation* "
@@ -66,13 +67,14 @@ _HELP = {
                             "after the whole backward pass.",
     "jit_compile": "XLA for the per-replica step: auto (the choice --autotune cached for this model and devices, "
                    "else on for GPU/TPU, off for CPU), on or off.",
-    "autotune": "Time short trials of the settings left to tfpar (XLA with --jit_compile=auto; all-reduce bucket "
+    "autotune": "Time short trials of the settings left to tfpar (the precision policy with --precision=auto, on "
+                "a model built per policy; XLA with --jit_compile=auto; all-reduce bucket "
                 "size and dtype with 2+ replicas; micro-batches for models without BatchNormalization) at the "
                 "start, keep the fastest and cache it ($TFPAR_CACHE_DIR, else $XDG_CACHE_HOME/tfpar or "
                 "~/.cache/tfpar): the next run of the same shape skips the trials. Training is unchanged: weights, "
                 "optimizer and data position are restored. A tuned flag given on the command line stays fixed.",
     "autotune_budget": "Steps --autotune may spend on trials: below 1, that fraction of the planned steps "
-                       "(default 5%); 1 or more, that many steps. Each trial takes 5 steps.",
+                       "(default 5%); 1 or more, that many steps. Each trial takes 7 steps (2 to warm up, 5 timed).",
     "autotune_keep": "Comma-separated settings --autotune leaves as given (jit_compile, all_reduce_bucket_mb, "
                      "all_reduce_dtype, grad_accum_steps); flags given on the command line are added.",
     "steps_per_execution": "Training steps run per tf.function call (fewer Python round trips); "

@@ -206,7 +206,8 @@ class TrainConfig:
         """The settings ``--autotune`` times: those left at tfpar's choice and not kept."""
         keep = {name.strip() for name in self.autotune_keep.split(",") if name.strip()}
         defaults = {"all_reduce_bucket_mb": 25.0, "all_reduce_dtype": "float32", "grad_accum_steps": 1}
-        tuned = ["xla"] if self.jit_compile == "auto" and "jit_compile" not in keep else []
+        tuned = ["precision"] if self.precision == "auto" else []  # timed on a model per policy, then the rest
+        tuned += ["xla"] if self.jit_compile == "auto" and "jit_compile" not in keep else []
         for field, setting in AUTOTUNE_FIELDS.items():
             if field not in keep and getattr(self, field) == defaults[field]:
                 tuned.append(setting)
@@ -231,9 +232,9 @@ class TrainConfig:
                              f"{', '.join(AUTOTUNE_STRATEGIES)}); {self.strategy}"
                              f"{' with launcher=' + self.launcher if self.launcher else ''} is not tuned yet.")
         if not self.autotune_settings():
-            raise ValueError("--autotune has nothing to tune: jit_compile, all_reduce_bucket_mb, all_reduce_dtype and "
-                             "grad_accum_steps are all fixed; leave one to tfpar (e.g. --jit_compile=auto) or drop "
-                             "--autotune.")
+            raise ValueError("--autotune has nothing to tune: precision, jit_compile, all_reduce_bucket_mb, "
+                             "all_reduce_dtype and grad_accum_steps are all fixed; leave one to tfpar (e.g. "
+                             "--jit_compile=auto or --precision=auto) or drop --autotune.")
 
     def _validate_balance(self):
         if not isinstance(self.balance_every, int) or isinstance(self.balance_every, bool) or self.balance_every < 1:

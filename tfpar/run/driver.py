@@ -107,19 +107,19 @@ def train(hook, extra_callbacks=()):
     hook.connect()
     global_batch = hook.global_batch()
     config = hook.config  # a resume on another worker count may cut the batch up otherwise (tfpar.runtime.elastic)
-    policy = precision.apply(config.precision, hook.strategy)
+    remake = lambda: data.make(config, global_batch, source, **hook.reading())  # noqa: E731  (trials' own copy)
+
+    def trial_model(policy, trial_pipes):  # --precision=auto --autotune: a model per policy, then dropped
+        precision.apply(policy, hook.strategy)
+        return build(hook, config, global_batch, trial_pipes)[0]
+
+    policy = precision.apply(hook.tune_precision(remake, trial_model), hook.strategy)
     keras.utils.set_random_seed(config.seed)
     pipes = data.make(config, global_batch, source, **hook.reading())
 
     # build
-    with hook.scope():
-        model = hook.shaped(recipe.build_model(config), global_batch)
-        optimizer, peak = recipe.make_optimizer(config, global_batch, pipes.steps_per_epoch)
-        model.compile(optimizer=optimizer, loss=recipe.make_loss(config), metrics=recipe.metrics(),
-                      steps_per_execution=config.steps_per_execution, **hook.compile_options)
-        hook.compiled(model)
-    hook.install(model, global_batch)
-    hook.tune(model, pipes, lambda: data.make(config, global_batch, source, **hook.reading()))
+    model, peak = build(hook, config, global_batch, pipes)
+    hook.tune(model, pipes, remake)
 
     # fit, evaluate
     cbs = hook.callbacks(model, global_batch, pipes, extra_callbacks)
@@ -155,6 +155,21 @@ def train(hook, extra_callbacks=()):
         "weights_sha256": hook.weights_sha256(model),
         **hook.summary(model, hist, pipes),
     }
+
+
+def build(hook, config, global_batch, pipes):
+    """The recipe's model, compiled in the hook's scope under the global dtype policy, step features installed.
+
+    Returns ``(model, peak learning rate)``.
+    """
+    with hook.scope():
+        model = hook.shaped(recipe.build_model(config), global_batch)
+        optimizer, peak = recipe.make_optimizer(config, global_batch, pipes.steps_per_epoch)
+        model.compile(optimizer=optimizer, loss=recipe.make_loss(config), metrics=recipe.metrics(),
+                      steps_per_execution=config.steps_per_execution, **hook.compile_options)
+        hook.compiled(model)
+    hook.install(model, global_batch)
+    return model, peak
 
 
 @contextlib.contextmanager

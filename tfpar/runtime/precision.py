@@ -78,6 +78,33 @@ def resolve(policy="auto", strategy=None):
     return "mixed_bfloat16" if cpu_has_native_bf16() and onednn_enabled() else "float32"
 
 
+# What each policy computes in, for the table --autotune prints: a faster policy changes the numerics too.
+NUMERICS = {"float32": "float32 compute and weights",
+            "mixed_bfloat16": "bfloat16 compute, float32 weights",
+            "mixed_float16": "float16 compute with loss scaling, float32 weights"}
+
+
+def candidates(strategy=None):
+    """The policies ``--precision=auto --autotune`` times here, ``auto``'s rule first.
+
+    float32 and the mixed policy the hardware can run: bfloat16 on TPUs and CPUs (where it is only fast
+    with native instructions, so the trial decides), float16 on GPUs of compute capability 7.0+ and
+    bfloat16 too from 8.0 (Ampere). A GPU older than 7.0 has no fast half type: float32 only.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    rule = resolve("auto", strategy)
+    if isinstance(strategy, (tf.distribute.TPUStrategy, tf.distribute.experimental.TPUStrategy)):
+        found = ["mixed_bfloat16", "float32"]
+    else:
+        capability = _gpu_compute_capability()
+        if capability is None:
+            found = ["float32", "mixed_bfloat16"]
+        else:
+            found = ["float32"] + (["mixed_float16"] if capability >= (7, 0) else []) + (
+                ["mixed_bfloat16"] if capability >= (8, 0) else [])
+    return [rule] + [name for name in found if name != rule]
+
+
 def apply(policy="auto", strategy=None):
     """Set the global Keras dtype policy and return its name."""
     name = resolve(policy, strategy)

@@ -50,6 +50,13 @@ class Hook:
         return {}
 
     # -- build
+    def tune_precision(self, remake, trial_model):
+        """The precision policy to build the run's model in: the config's, or what ``--autotune`` timed fastest.
+
+        ``trial_model(policy, pipes)`` builds and installs a model for one trial; ``remake()`` makes pipelines.
+        """
+        return self.config.precision
+
     def scope(self):
         """The scope the model is built and compiled in."""
         return self.strategy.scope()

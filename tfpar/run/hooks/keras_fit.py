@@ -25,6 +25,8 @@ class KerasFit(Hook):
         self.elastic_line = None  # "resuming epoch ... on M workers (backup written by N) ..."
         self.micro = config.grad_accum_steps  # micro-batches per update (--autotune may choose another)
         self.autotune = None  # what --autotune (or its cache, for jit_compile=auto) decided, for summary.json
+        self.precision_tuned = None  # --precision=auto --autotune: the precision trials' report
+        self.budget_spent = 0  # steps of --autotune_budget the precision trials took
 
     def connect(self):
         from tfpar.runtime import backup, elastic
@@ -115,24 +117,80 @@ class KerasFit(Hook):
                 self.print_fn(f"jit_compile=auto: XLA {'on' if self.jit else 'off'}, as --autotune chose for this "
                               f"model and devices ({path}).")
 
-    def tune(self, model, pipes, remake):
-        """``--autotune``: time the settings left to tfpar on this model, pipeline and strategy; keep the fastest."""
-        from tfpar.run import autotune, callbacks
+    def tune_precision(self, remake, trial_model):
+        """``--precision=auto --autotune``: time a model built under each policy this machine can run."""
+        from tfpar.run import autotune
+        from tfpar.runtime import precision
 
         config = self.config
-        if not config.autotune:
+        if not (config.autotune and config.precision == "auto"):
+            return config.precision
+        policies = precision.candidates(self.strategy)
+        if len(policies) < 2:
+            if self.speaks:
+                self.print_fn(f"autotune: precision auto is {policies[0]} here; these devices run no other policy "
+                              f"fast, so it is not timed.")
+            return policies[0]
+        pipes = remake()
+        planned = config.epochs * pipes.steps_per_epoch
+        max_trials = autotune.budget_trials(config.autotune_budget, planned)
+        policy, self.precision_tuned = autotune.tune_precision(
+            lambda name: trial_model(name, pipes), lambda: pipes.train, policies,
+            batch_size=self.global_batch() * config.grad_accum_steps, max_trials=max_trials,
+            print_fn=self.print_fn if self.speaks else None)
+        if self.precision_tuned["cached"] is None:
+            self.budget_spent = len(self.precision_tuned["trials"]) * autotune.TRIAL_STEPS
+        return policy
+
+    def tune(self, model, pipes, remake):
+        """``--autotune``: time the settings left to tfpar on this model, pipeline and strategy; keep the fastest."""
+        from tfpar.core import tuning
+        from tfpar.run import autotune
+
+        config = self.config
+        settings = [name for name in config.autotune_settings() if name != "precision"]
+        if not config.autotune or not settings:
+            self._record()
             return
-        self.autotune = autotune.autotune(
-            model, self.strategy, lambda: remake().train, batch_size=self.global_batch() * config.grad_accum_steps,
-            tune=config.autotune_settings(), budget=config.autotune_budget,
-            planned_steps=config.epochs * pipes.steps_per_epoch, print_fn=self.print_fn if self.speaks else None)
+        planned = config.epochs * pipes.steps_per_epoch
+        budget = config.autotune_budget
+        if self.budget_spent:  # the precision trials spent part of it: the rest, in steps
+            left = autotune.budget_steps(budget, planned) - self.budget_spent
+            if left < autotune.TRIAL_STEPS:
+                if self.speaks:
+                    self.print_fn("autotune: the budget went to the precision trials; the other settings keep "
+                                  "tfpar's choice (raise --autotune_budget to time them).")
+                self._record()
+                return
+            budget = left
+        try:
+            self.autotune = autotune.autotune(
+                model, self.strategy, lambda: remake().train, batch_size=self.global_batch() * config.grad_accum_steps,
+                tune=settings, budget=budget, planned_steps=planned, print_fn=self.print_fn if self.speaks else None)
+        except tuning.NothingToTune as nothing:
+            if self.precision_tuned is None:
+                raise
+            if self.speaks:  # the precision was tuned; the model leaves nothing else to time
+                self.print_fn(f"autotune: {str(nothing)[0].lower()}{str(nothing)[1:]}")
         now = autotune.current_setting(model)
         self.jit, self.micro = now["xla"], now["micro_batches"]
         self.reduce_dtype, self.bucket_mb = now["all_reduce_dtype"], now["bucket_mb"]
-        if self.info.is_chief and config.tensorboard:
-            lines = self.autotune["table"] or [f"cached: {self.autotune['cached']}"]
-            callbacks.write_text(self.model_dir, "autotune", "\n".join(
-                ["    " + line for line in lines] + ["", f"chosen: {self.autotune['choice']}"]))
+        self._record()
+
+    def _record(self):
+        """The autotune report in summary.json and, on the chief, TensorBoard's text tab."""
+        from tfpar.run import callbacks
+
+        if self.precision_tuned is not None:
+            self.autotune = {**(self.autotune or {}), "precision": self.precision_tuned}
+        if self.autotune is None or not self.config.autotune:
+            return
+        if self.info.is_chief and self.config.tensorboard:
+            lines = []
+            for report in (self.precision_tuned, self.autotune if "trials" in self.autotune else None):
+                if report is not None:
+                    lines += (report["table"] or [f"cached: {report['cached']}"]) + [f"chosen: {report['choice']}", ""]
+            callbacks.write_text(self.model_dir, "autotune", "\n".join("    " + line for line in lines))
 
     def callbacks(self, model, global_batch, pipes, extra):
         from tfpar.run import callbacks
