@@ -232,3 +232,12 @@ def test_tfpar_train_times_precision_then_the_rest_and_ends_as_its_choice_set_by
     assert code == 0, (out + err)[-3000:]
     hand = json.load(open(hand_dir / "summary.json"))
     assert tuned["weights_sha256"] == hand["weights_sha256"] and hand["precision"] == tuned["precision"]
+
+    # the same run again: both choices come from the cache, with no trial, and it trains the same
+    code, out, err = run_reaped(tfpar_train_command() + common + [
+        "--autotune", "--precision=auto", "--autotune_budget=28", f"--model_dir={tmp_path / 'again'}"], 600, env=env)
+    assert code == 0, (out + err)[-3000:]
+    assert "autotune: the cached precision for this model and devices" in out and "trials of" not in out
+    assert "autotune: the cached choice for this model and devices" in out
+    again = json.load(open(tmp_path / "again" / "summary.json"))
+    assert again["weights_sha256"] == tuned["weights_sha256"] and again["autotune"]["precision"]["cached"]
