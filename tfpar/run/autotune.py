@@ -319,8 +319,9 @@ def _tune(model, dataset, batch_size, space, max_trials, cache, print_fn, clock,
 
     result = tuning.search(space, trial, start, max_trials)
     install(model, result.choice)
-    # The run keeps the function its trial traced: measured on ResNet-50, a run whose step was traced
-    # again after the trials ran 5-9% slower than one that kept its first trace (benchmarks/README.md).
+    # The run keeps the function its trial traced: on ResNet-50 in one process, windows after the step was
+    # traced a second time ran at a median 0.94 of the windows before, against 1.05 with the step traced
+    # once (14 and 7 processes; benchmarks/README.md).
     model.train_function = traced.get(_key(result.choice))
     traced.clear()
     state.restore()
@@ -377,9 +378,9 @@ def tune_precision(build, dataset, policies, *, batch_size, max_trials=None, cac
 
     result = tuning.search({"precision": policies}, trial, max_trials=max_trials)
     lines = tuning.table(result)
-    for i, trial in enumerate(result.trials, start=1):  # each row names its numerics, before any mark
-        timed, mark, rest = lines[i].partition("  <-")
-        lines[i] = f"{timed}  ({precision.NUMERICS[trial.setting['precision']]}){mark}{rest}"
+    for row, timed in enumerate(result.trials, start=1):  # each row names its numerics, before any mark
+        cells, mark, rest = lines[row].partition("  <-")
+        lines[row] = f"{cells}  ({precision.NUMERICS[timed.setting['precision']]}){mark}{rest}"
     say(f"autotune: {len(result.trials)} precision trials of {TRIAL_STEPS} steps, each on its own model"
         + (" (the budget ended the search early)" if result.cut_short else "") + ":")
     for line in lines:
