@@ -1,8 +1,9 @@
 """The measuring side of two benchmark comparisons (``scripts/benchmark.py`` runs each case in its own process).
 
 ``--only autotune``: for keras.applications ResNet-50, a small keras-hub Gemma (built from a config,
-nothing downloaded) and tfpar's ViT-S/16 (32 px, 4 px patches), tfpar's untuned default, every manual setting of the space ``--autotune`` searches
-(the exhaustive sweep) and the autotuned run, each timed the same way after its own warm-up.
+nothing downloaded) and tfpar's ViT-S/16 (32 px, 4 px patches), tfpar's untuned default, every manual
+setting of the space ``--autotune`` searches (the exhaustive sweep) and the autotuned run, each timed
+the same way after its own warm-up.
 ``benchmark.py`` then adds autotuned / best manual and autotuned / default (``add_autotune_ratios``).
 
 ``--only keras3_jax_vs_tfpar``: the same two models with plain Keras 3 ``fit`` on the JAX backend, on
@@ -29,17 +30,22 @@ def jax_available():
     return importlib.util.find_spec("jax") is not None
 
 
+def _windows(quick):
+    """How every case of both comparisons is timed: 1 warm-up window, then 2 timed ones."""
+    return dict(windows=2, warmup_windows=1, steps=4 if quick else 6)
+
+
 def models(quick):
     """The two models of both comparisons, at sizes that fit a busy 2-core CPU."""
-    base = dict(windows=2, warmup_windows=1, steps=4 if quick else 6)
+    base = _windows(quick)
     return {"resnet50": dict(base, model="resnet50", image=64, batch=8, classes=10),
             "gemma": dict(base, model="gemma", batch=16, layers=4, hidden=256)}
 
 
 def autotune_models(quick):
     """The autotune comparison's models: both of ``models`` and tfpar's own ViT-S/16 (TensorFlow only)."""
-    base = dict(windows=2, warmup_windows=1, steps=4 if quick else 6)
-    return {**models(quick), "vit_s16": dict(base, model="vit_s16", image=32, patch=4, batch=16, classes=10)}
+    vit = dict(_windows(quick), model="vit_s16", image=32, patch=4, batch=16, classes=10)
+    return {**models(quick), "vit_s16": vit}
 
 
 def _space(case):
