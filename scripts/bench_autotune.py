@@ -48,21 +48,56 @@ def autotune_models(quick):
     return {**models(quick), "vit_s16": vit}
 
 
-def _space(case):
-    """The settings ``--autotune`` searches for this model on one device: XLA; micro-batches without BN."""
+NATIVE_BFLOAT16 = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bfloat16 instructions
+
+
+def precisions(cpuinfo="/proc/cpuinfo", environ=os.environ):
+    """The policies the autotune comparison sweeps: float32, and mixed_bfloat16 where the CPU has it natively.
+
+    ``--precision=auto --autotune`` also times mixed_bfloat16 on CPUs without bfloat16 instructions, where it
+    ran at 0.40 (XLA off) and 0.88 (XLA on) of float32 for the Gemma on a 2-core AVX-512 Xeon: sweeping it
+    there would double the comparison's time to show a loss. ``TFPAR_BENCH_PRECISIONS`` (comma-separated)
+    overrides the rule.
+    """
+    if environ.get("TFPAR_BENCH_PRECISIONS"):
+        return environ["TFPAR_BENCH_PRECISIONS"].split(",")
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return ["float32"] + (["mixed_bfloat16"] if set(NATIVE_BFLOAT16) & set(flags) else [])
+
+
+def _space(case, policies=("float32",)):
+    """The settings ``--autotune`` searches for this model on one device: precision (when more than float32
+    is allowed), XLA, and micro-batches for models without BatchNormalization."""
     micro = [1] if case["model"] == "resnet50" else [1, 2, 4]
-    return [{"xla": x, "bucket_mb": 25.0, "all_reduce_dtype": "float32", "micro_batches": m}
-            for x, m in itertools.product((False, True), micro)]
+    return [{"precision": p, "xla": x, "bucket_mb": 25.0, "all_reduce_dtype": "float32", "micro_batches": m}
+            for p, x, m in itertools.product(policies, (False, True), micro)]
 
 
-def autotune_cases(quick):
+def describe(setting, policies=("float32",)):
+    """``XLA on, 2 micro-batch(es)``, with the policy when the sweep covers more than one."""
+    text = f"XLA {'on' if setting.get('xla') else 'off'}, {setting.get('micro_batches')} micro-batch(es)"
+    return text + (f", {setting.get('precision', 'float32')}" if len(policies) > 1 else "")
+
+
+def autotune_cases(quick, policies=None):
+    """Per model: tfpar's default, every setting of the search (the exhaustive sweep), and the autotuned run.
+
+    With ``policies`` beyond float32 the autotuned run is ``--precision=auto``'s: a precision trial per
+    policy, each on its own model, then the other settings on a model built under the choice.
+    """
+    policies = list(policies or precisions())
     cases = []
     for name, case in autotune_models(quick).items():
-        default = _space(case)[0]  # tfpar's rule on a CPU: XLA off, one micro-batch
+        case = dict(case, policies=policies)
+        default = _space(case)[0]  # tfpar's rule on a CPU: float32, XLA off, one micro-batch
         cases.append(dict(case, name=f"{name} tfpar default (untuned)", kind="bench_setting", setting=default))
-        for setting in _space(case):
-            label = f"XLA {'on' if setting['xla'] else 'off'}, {setting['micro_batches']} micro-batch(es)"
-            cases.append(dict(case, name=f"{name} manual: {label}", kind="bench_setting", setting=setting))
+        for setting in _space(case, policies):
+            cases.append(dict(case, name=f"{name} manual: {describe(setting, policies)}", kind="bench_setting",
+                              setting=setting))
         cases.append(dict(case, name=f"{name} autotuned", kind="bench_autotuned"))
     return cases
 
@@ -105,7 +140,8 @@ def add_autotune_ratios(cases):
 
 
 def _same(choice, setting):
-    return bool(choice) and all(choice.get(k) == setting.get(k) for k in ("xla", "micro_batches"))
+    return bool(choice) and all(choice.get(k) == setting.get(k) for k in ("xla", "micro_batches")) and (
+        choice.get("precision", "float32") == setting.get("precision", "float32"))
 
 
 def _paired(case, base):
@@ -121,8 +157,8 @@ def lines(cases):
     for c in cases:
         if "ratio_to_best_manual" in c or "ratio_to_default" in c:
             choice = (c.get("autotune") or {}).get("choice", {})
-            out.append(f"{c['name']}: chose XLA {'on' if choice.get('xla') else 'off'}, "
-                       f"{choice.get('micro_batches')} micro-batch(es) in {c['autotune']['tune_sec']:.0f} s; "
+            out.append(f"{c['name']}: chose {describe(choice, c.get('policies', ('float32',)))} "
+                       f"in {c['autotune']['tune_sec']:.0f} s; "
                        f"/ best manual ({c.get('best_manual')}) {c.get('ratio_to_best_manual', 0):.3f} "
                        f"(target 0.97{'; the same setting' if c.get('same_as_best') else ''}), "
                        f"/ untuned default {c.get('ratio_to_default', 0):.3f}"
@@ -147,21 +183,40 @@ def measure(case):
         os.environ["KERAS_BACKEND"] = case["backend"]  # before Keras is imported in this fresh process
     import keras
 
-    keras.utils.set_random_seed(0)
-    model, data = _build(case, keras)
     tuned = None
-    if case["kind"] == "bench_setting":
-        from tfpar.run import autotune
-
-        autotune.install(model, case["setting"])
-    elif case["kind"] == "bench_autotuned":
+    if case["kind"] == "bench_autotuned":
         from tfpar.run import autotune
 
         started = time.perf_counter()
-        tuned = autotune.autotune(model, None, data, cache=False, print_fn=print)
-        tuned = {"choice": tuned["choice"], "trials": tuned["trials"], "tune_sec": time.perf_counter() - started}
+        policy, trials = "float32", []
+        if len(case.get("policies", ())) > 1:  # --precision=auto: a model per policy, then the run's own
+            data = _data(case)
+            policy, report = autotune.tune_precision(lambda name: _seeded(case, keras, name)[0], lambda: data,
+                                                     case["policies"], batch_size=case["batch"], cache=False)
+            trials = report["trials"]
+        model, data = _seeded(case, keras, policy)
+        report = autotune.autotune(model, None, data, cache=False, print_fn=print)
+        tuned = {"choice": {**report["choice"], "precision": policy}, "trials": trials + report["trials"],
+                 "tune_sec": time.perf_counter() - started}
+    else:
+        model, data = _seeded(case, keras, (case.get("setting") or {}).get("precision", "float32"))
+        if case["kind"] == "bench_setting":
+            from tfpar.run import autotune
+
+            autotune.install(model, case["setting"])
     rates = _fit_windows(keras, model, data, case)
     return {"rates": rates, "params": int(model.count_params()), **({"autotune": tuned} if tuned else {})}
+
+
+def _seeded(case, keras, policy):
+    """The case's model under ``policy``, from seed 0 like every other case, and its data."""
+    keras.mixed_precision.set_global_policy(policy)
+    keras.utils.set_random_seed(0)
+    return _build(case, keras)
+
+
+def _data(case):
+    return _tokens(case) if case["model"] == "gemma" else _images(case)
 
 
 def _build(case, keras):

@@ -10,7 +10,7 @@ median images/sec over several timed windows after warm-up, and the spread
 machine hits both sides. Results go to benchmarks/results/<machine>-<date>.json
 and .md (and a PNG chart when matplotlib is installed: pip install -e ".[dev]").
 
-  scripts/benchmark.py                 # the CPU suite (about 40 minutes on 2 cores)
+  scripts/benchmark.py                 # the CPU suite (over 2 hours on 2 cores: use --only)
   scripts/benchmark.py --suite quick   # a smoke run of the same machinery
   scripts/benchmark.py --suite gpu     # ResNet-50 224px mixed_float16 + XLA, MFU, mirrored on all GPUs
   scripts/benchmark.py --only scaling --profile   # also trace 2 steps per case: compute, all-reduce, overlap ms
@@ -481,7 +481,7 @@ TARGETS = {"tfpar_vs_keras": 0.98, "keras3_vs_tf_keras": 1.0, "scaling_plain": 0
 CEILING_TARGETS = {"scaling": 0.95, "stragglers": 0.9}  # of the machine's own ceiling (two copies that never
 # communicate; for stragglers the ideal: the two workers' solo speeds added, add_ideal_ratios)
 # Small differences on a noisy VM: A B A B, the median of the per-round ratios (0.82-1.02 in single runs).
-ROUNDS = {"tfpar_vs_keras": 2, "keras3_vs_tf_keras": 2, "autotune": 2}
+ROUNDS = {"tfpar_vs_keras": 2, "keras3_vs_tf_keras": 2, "autotune": 3}
 
 
 def ratio(case, baseline):
@@ -678,8 +678,13 @@ def main(argv=None):
     parser.add_argument("--out", default=RESULTS, help="Directory for the JSON, markdown and PNG results.")
     parser.add_argument("--profile", action="store_true",
                         help="Also trace 2 steps of each case (on the chief) and report where the step time goes.")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="Run each comparison's cases this many times in turn (A B A B) instead of its "
+                             f"own count ({', '.join(f'{k}: {v}' for k, v in ROUNDS.items())}; others 1).")
     parser.add_argument("--_measure", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be 1 or more, not {args.rounds}.")
     if args._measure:
         print("BENCHMARK_RESULT " + json.dumps(measure(json.loads(args._measure))), flush=True)
         return 0
@@ -703,18 +708,18 @@ def main(argv=None):
             report.setdefault("skipped", []).append(f"{name}: {bench_autotune.NO_JAX}")
             print(f"  skipped: {bench_autotune.NO_JAX}", flush=True)
             continue
-        rounds = []
-        for round_index in range(ROUNDS.get(name, 1)):
+        rounds, count = [], args.rounds or ROUNDS.get(name, 1)
+        for round_index in range(count):
             measured = []
             for case in cases:
                 key = json.dumps({k: v for k, v in case.items() if k != "name"}, sort_keys=True)
-                if key in done and name not in ROUNDS:
+                if key in done and count == 1:
                     result = dict(done[key], name=case["name"], reused=True)
                 else:
                     result = (run_with_busy_core if "busy_core" in case else run_case)(case, profile=args.profile)
                     done[key] = result
                 measured.append(result)
-                label = f"  {case['name']}" + (f" (round {round_index + 1})" if name in ROUNDS else "")
+                label = f"  {case['name']}" + (f" (round {round_index + 1})" if count > 1 else "")
                 if "error" in result:
                     print(f"{label}: FAILED ({result['error']})\n{result['log_tail']}", flush=True)
                 else:

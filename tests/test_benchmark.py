@@ -188,6 +188,36 @@ def test_autotune_is_read_against_the_best_manual_setting_and_the_default():
     assert "/ best manual (gemma manual: XLA on) 0.986 (target 0.97), / untuned default 1.380" in text
 
 
+def test_the_autotune_sweep_adds_bfloat16_where_the_cpu_has_it_and_reads_the_choice_with_its_policy(tmp_path):
+    bench, info = benchmark.bench_autotune, tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert bench.precisions(str(info), {}) == ["float32"]
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert bench.precisions(str(info), {}) == ["float32", "mixed_bfloat16"]
+    assert bench.precisions(str(info), {"TFPAR_BENCH_PRECISIONS": "float32"}) == ["float32"]
+
+    gemma = [c for c in bench.autotune_cases(True, ["float32", "mixed_bfloat16"]) if c["model"] == "gemma"]
+    assert gemma[0]["setting"]["precision"] == "float32" and not gemma[0]["setting"]["xla"]  # tfpar's default
+    manual = [c for c in gemma if " manual: " in c["name"]]
+    assert len(manual) == 2 * 2 * 3  # policies x XLA x micro-batches
+    assert "gemma manual: XLA on, 2 micro-batch(es), mixed_bfloat16" in [c["name"] for c in manual]
+    assert gemma[-1]["kind"] == "bench_autotuned" and gemma[-1]["policies"] == ["float32", "mixed_bfloat16"]
+    assert all(", float32" not in c["name"] for c in bench.autotune_cases(True, ["float32"]))
+
+    on = {"xla": True, "micro_batches": 2}
+    cases = [case("g tfpar default (untuned)", [10.0], model="g", setting={"xla": False, "micro_batches": 1}),
+             case("g manual: fp32", [12.0], model="g", setting=dict(on, precision="float32")),
+             case("g manual: bf16", [20.0], model="g", setting=dict(on, precision="mixed_bfloat16")),
+             case("g autotuned", [19.6], model="g", kind="bench_autotuned", policies=["float32", "mixed_bfloat16"],
+                  autotune={"choice": dict(on, precision="mixed_bfloat16"), "tune_sec": 5.0})]
+    tuned = bench.add_autotune_ratios(cases)[-1]
+    assert tuned["same_as_best"] and tuned["choice_in_sweep"] == pytest.approx(1.0)
+    assert tuned["ratio_to_default"] == pytest.approx(1.96)
+    assert "chose XLA on, 2 micro-batch(es), mixed_bfloat16 in 5 s" in bench.lines([tuned])[0]
+    cases[-1]["autotune"]["choice"]["precision"] = "float32"  # the same XLA and micro-batches, the other policy
+    assert not bench.add_autotune_ratios(cases)[-1]["same_as_best"]
+
+
 def test_autotune_ratios_are_taken_round_by_round():
     """Per-round ratios (1.2 and 0.8: median 1.0), not pooled rates (14 / 15 = 0.93)."""
     manual = [case("g manual: XLA off", [8.0, 16.0], model="g", round_rates=[8.0, 16.0],
