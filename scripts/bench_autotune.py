@@ -54,10 +54,10 @@ NATIVE_BFLOAT16 = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs wit
 def precisions(cpuinfo="/proc/cpuinfo", environ=os.environ):
     """The policies the autotune comparison sweeps: float32, and mixed_bfloat16 where the CPU has it natively.
 
-    ``--precision=auto --autotune`` also times mixed_bfloat16 on CPUs without bfloat16 instructions, where it
-    ran at 0.40 (XLA off) and 0.88 (XLA on) of float32 for the Gemma on a 2-core AVX-512 Xeon: sweeping it
-    there would double the comparison's time to show a loss. ``TFPAR_BENCH_PRECISIONS`` (comma-separated)
-    overrides the rule.
+    ``--precision=auto --autotune`` also times mixed_bfloat16 on CPUs without bfloat16 instructions, where
+    the Gemma and ViT-S/16 ran at 0.35 of float32 without XLA and 0.95-0.97 of float32's best with it (a
+    2-core AVX-512 Xeon, benchmarks/README.md): sweeping it there more than doubles the comparison's time
+    to show a loss. ``TFPAR_BENCH_PRECISIONS`` (comma-separated) overrides the rule.
     """
     if environ.get("TFPAR_BENCH_PRECISIONS"):
         return environ["TFPAR_BENCH_PRECISIONS"].split(",")
@@ -140,8 +140,8 @@ def add_autotune_ratios(cases):
 
 
 def _same(choice, setting):
-    return bool(choice) and all(choice.get(k) == setting.get(k) for k in ("xla", "micro_batches")) and (
-        choice.get("precision", "float32") == setting.get("precision", "float32"))
+    keys = {"xla": None, "micro_batches": None, "precision": "float32"}  # with the value a missing key means
+    return bool(choice) and all(choice.get(k, d) == setting.get(k, d) for k, d in keys.items())
 
 
 def _paired(case, base):
@@ -212,7 +212,7 @@ def _seeded(case, keras, policy):
     """The case's model under ``policy``, from seed 0 like every other case, and its data."""
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
-    return _build(case, keras)
+    return _build(case, keras), _data(case)
 
 
 def _data(case):
@@ -224,14 +224,14 @@ def _build(case, keras):
         model = keras.applications.ResNet50(weights=None, input_shape=(case["image"],) * 2 + (3,),
                                             classes=case["classes"])
         model.compile(keras.optimizers.SGD(0.01, momentum=0.9), "sparse_categorical_crossentropy")
-        return model, _images(case)
+        return model
     if case["model"] == "vit_s16":
         from tfpar import models as tfpar_models
 
         model = tfpar_models.build("vit_s16", num_classes=case["classes"], input_shape=(case["image"],) * 2 + (3,),
                                    patch_size=case["patch"])
         model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
-        return model, _images(case)
+        return model
     import keras_hub
 
     backbone = keras_hub.models.GemmaBackbone(
@@ -242,7 +242,7 @@ def _build(case, keras):
     logits = backbone.token_embedding(backbone(inputs), reverse=True)
     model = keras.Model(inputs, logits)
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model, _tokens(case)
+    return model
 
 
 def _images(case):

@@ -218,6 +218,12 @@ def test_the_autotune_sweep_adds_bfloat16_where_the_cpu_has_it_and_reads_the_cho
     assert not bench.add_autotune_ratios(cases)[-1]["same_as_best"]
 
 
+def test_rounds_below_one_stop_with_one_sentence(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        benchmark.main(["--rounds", "0", "--only", "autotune"])
+    assert stopped.value.code == 2 and "--rounds must be 1 or more, not 0." in capsys.readouterr().err
+
+
 def test_autotune_ratios_are_taken_round_by_round():
     """Per-round ratios (1.2 and 0.8: median 1.0), not pooled rates (14 / 15 = 0.93)."""
     manual = [case("g manual: XLA off", [8.0, 16.0], model="g", round_rates=[8.0, 16.0],
