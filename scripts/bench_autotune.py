@@ -48,11 +48,9 @@ def autotune_models(quick):
     return {**models(quick), "vit_s16": vit}
 
 
-NATIVE_BFLOAT16 = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bfloat16 instructions
-
-
-def precisions(cpuinfo="/proc/cpuinfo", environ=os.environ):
-    """The policies the autotune comparison sweeps: float32, and mixed_bfloat16 where the CPU has it natively.
+def precisions(environ=os.environ):
+    """The policies the autotune comparison sweeps: float32, and mixed_bfloat16 where tfpar's ``auto`` rule
+    finds it fast (bfloat16 instructions, AMX or AVX512_BF16, reached through oneDNN).
 
     ``--precision=auto --autotune`` also times mixed_bfloat16 on CPUs without bfloat16 instructions, where
     the Gemma and ViT-S/16 ran at 0.35 of float32 without XLA and 0.95-0.97 of float32's best with it (a
@@ -61,12 +59,10 @@ def precisions(cpuinfo="/proc/cpuinfo", environ=os.environ):
     """
     if environ.get("TFPAR_BENCH_PRECISIONS"):
         return environ["TFPAR_BENCH_PRECISIONS"].split(",")
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return ["float32"] + (["mixed_bfloat16"] if set(NATIVE_BFLOAT16) & set(flags) else [])
+    from tfpar.runtime import precision  # imports TensorFlow: only when a suite is chosen, not on import
+
+    fast = precision.cpu_has_native_bf16() and precision.onednn_enabled(environ)
+    return ["float32"] + (["mixed_bfloat16"] if fast else [])
 
 
 def _space(case, policies=("float32",)):
@@ -183,23 +179,22 @@ def measure(case):
         os.environ["KERAS_BACKEND"] = case["backend"]  # before Keras is imported in this fresh process
     import keras
 
-    tuned = None
+    tuned, data = None, _data(case)  # one batch of its own generator (numpy seed 0), not Keras's seed
     if case["kind"] == "bench_autotuned":
         from tfpar.run import autotune
 
         started = time.perf_counter()
         policy, trials = "float32", []
         if len(case.get("policies", ())) > 1:  # --precision=auto: a model per policy, then the run's own
-            data = _data(case)
-            policy, report = autotune.tune_precision(lambda name: _seeded(case, keras, name)[0], lambda: data,
+            policy, report = autotune.tune_precision(lambda name: _seeded(case, keras, name), lambda: data,
                                                      case["policies"], batch_size=case["batch"], cache=False)
             trials = report["trials"]
-        model, data = _seeded(case, keras, policy)
+        model = _seeded(case, keras, policy)
         report = autotune.autotune(model, None, data, cache=False, print_fn=print)
         tuned = {"choice": {**report["choice"], "precision": policy}, "trials": trials + report["trials"],
                  "tune_sec": time.perf_counter() - started}
     else:
-        model, data = _seeded(case, keras, (case.get("setting") or {}).get("precision", "float32"))
+        model = _seeded(case, keras, (case.get("setting") or {}).get("precision", "float32"))
         if case["kind"] == "bench_setting":
             from tfpar.run import autotune
 
@@ -209,10 +204,10 @@ def measure(case):
 
 
 def _seeded(case, keras, policy):
-    """The case's model under ``policy``, from seed 0 like every other case, and its data."""
+    """The case's model under ``policy``, from seed 0 like every other case."""
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
-    return _build(case, keras), _data(case)
+    return _build(case, keras)
 
 
 def _data(case):

@@ -188,13 +188,16 @@ def test_autotune_is_read_against_the_best_manual_setting_and_the_default():
     assert "/ best manual (gemma manual: XLA on) 0.986 (target 0.97), / untuned default 1.380" in text
 
 
-def test_the_autotune_sweep_adds_bfloat16_where_the_cpu_has_it_and_reads_the_choice_with_its_policy(tmp_path):
-    bench, info = benchmark.bench_autotune, tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
-    assert bench.precisions(str(info), {}) == ["float32"]
-    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
-    assert bench.precisions(str(info), {}) == ["float32", "mixed_bfloat16"]
-    assert bench.precisions(str(info), {"TFPAR_BENCH_PRECISIONS": "float32"}) == ["float32"]
+def test_the_autotune_sweep_adds_bfloat16_where_the_cpu_has_it_and_reads_the_choice_with_its_policy(monkeypatch):
+    from tfpar.runtime import precision
+
+    bench = benchmark.bench_autotune
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert bench.precisions({}) == ["float32"]
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert bench.precisions({}) == ["float32", "mixed_bfloat16"]
+    assert bench.precisions({"TF_ENABLE_ONEDNN_OPTS": "0"}) == ["float32"]  # tfpar's rule: bf16 goes through oneDNN
+    assert bench.precisions({"TFPAR_BENCH_PRECISIONS": "float32"}) == ["float32"]
 
     gemma = [c for c in bench.autotune_cases(True, ["float32", "mixed_bfloat16"]) if c["model"] == "gemma"]
     assert gemma[0]["setting"]["precision"] == "float32" and not gemma[0]["setting"]["xla"]  # tfpar's default
@@ -218,9 +221,9 @@ def test_the_autotune_sweep_adds_bfloat16_where_the_cpu_has_it_and_reads_the_cho
     assert not bench.add_autotune_ratios(cases)[-1]["same_as_best"]
 
 
-def test_rounds_below_one_stop_with_one_sentence(capsys):
+def test_rounds_below_one_stop_with_one_sentence(capsys, tmp_path):
     with pytest.raises(SystemExit) as stopped:
-        benchmark.main(["--rounds", "0", "--only", "autotune"])
+        benchmark.main(["--rounds", "0", "--only", "autotune", "--out", str(tmp_path)])
     assert stopped.value.code == 2 and "--rounds must be 1 or more, not 0." in capsys.readouterr().err
 
 
